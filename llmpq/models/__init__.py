@@ -1,1 +1,1 @@
-"""llmpq.models."""
+"""Model adapters: shapes from HF configs or weights, the tiny embedded model."""
