@@ -1,0 +1,45 @@
+"""Where each artifact lives under the results directory (shared by the CLI and the Snakefile)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_model_dir(results: Path) -> Path:
+    return Path(results) / "models" / "tiny-opt"
+
+
+def profile_path(results: Path, device: str, model: str) -> Path:
+    return Path(results) / "profiles" / device / f"{model}.parquet"
+
+
+def links_path(results: Path, cluster: str) -> Path:
+    return Path(results) / "profiles" / "links" / f"{cluster}.parquet"
+
+
+def quant_dir(results: Path, model: str, scheme: str, bits: int) -> Path:
+    return Path(results) / "quantized" / model / f"{scheme}-w{bits}"
+
+
+def quant_manifest_path(results: Path, model: str, scheme: str, bits: int) -> Path:
+    return quant_dir(results, model, scheme, bits) / "manifest.parquet"
+
+
+def sensitivity_path(results: Path, model: str) -> Path:
+    return Path(results) / "sensitivity" / f"{model}.parquet"
+
+
+def ppl_map_path(results: Path, model: str) -> Path:
+    return Path(results) / "sensitivity" / f"{model}.ppl_map.json"
+
+
+def plan_path(results: Path, model: str, cluster: str, workload: str, solver: str) -> Path:
+    return Path(results) / "plans" / model / cluster / workload / f"{solver}.json"
+
+
+def run_path(results: Path, model: str, cluster: str, workload: str, solver: str) -> Path:
+    return Path(results) / "runs" / model / cluster / workload / f"{solver}.parquet"
+
+
+def eval_path(results: Path, model: str, cluster: str, workload: str) -> Path:
+    return Path(results) / "eval" / model / cluster / f"{workload}.parquet"
