@@ -10,7 +10,7 @@ times of one micro-batch of the phase. Symbols as in the design ("The cost model
 
 Every prefill micro-batch returns before the first decode round starts (a barrier), so
 T = T_p + T_d. With constant times per phase these formulas equal a FIFO event simulation of the ring
-(see `llmpq.costmodel.simulator`); with decode times that change with the round they approximate it.
+(see `llmpq.costmodel.simulator`); with decode times that grow with the round they bound it from above.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ def decode_ms(rounds: Sequence[PhaseTimes], k_d: int) -> float:
     """T_d = Σ_{k=1..n−2} max(K_d·β(k), R(k)) + R(n−1) + (K_d − 1)·β(n−1); T_d = 0 for n = 1 (ms).
 
     `rounds[k-1]` holds the times of decode round k (context s + k), k = 1..n−1, so n = len(rounds) + 1.
-    Exact for constant times; with times that change with k it is the per-round approximation.
+    Exact for constant times, where it reduces to max(R + ((n−1)·K_d − 1)·β, (n−1)·R + (K_d − 1)·β).
+    With times that change with k it is a per-round approximation: an upper bound when every stage and
+    link time is non-decreasing in k (it lets the bottleneck move between resources at no cost), and
+    neither bound in general when times shrink.
     """
     _check_count("K_d", k_d)
     _check_rounds(rounds)

@@ -1,0 +1,30 @@
+"""llmpq workflow: tiny_model -> profile -> quantize -> calibrate -> ppl_map -> solve -> deploy -> evaluate."""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "conf/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/solve.smk"
+include: "workflow/rules/deploy.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True
+
+
+rule plan_only:
+    """Plans for every paper cluster and its workloads from shapes alone (roofline latency, proxy sensitivity)."""
+    input:
+        plan_only_targets(),

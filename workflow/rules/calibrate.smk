@@ -1,0 +1,35 @@
+rule calibrate:
+    """Per-layer x bit-width sensitivity indicators from calibration activations and the quantized layers."""
+    input:
+        weights=lambda wc: model_weights(wc.model),
+        manifests=lambda wc: quant_manifests(wc.model),
+    output:
+        str(paths.sensitivity_path(RESULTS, "{model}")),
+    params:
+        cli=llmpq("calibrate"),
+        calibration=config["calibration"],
+        bits=lambda wc: model_slice(wc.model)["bits"],
+    log:
+        "logs/calibrate/{model}.log",
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} model={wildcards.model} out={output} > {log} 2>&1"
+
+
+rule ppl_map:
+    """Fit summed sensitivity -> measured perplexity increase on random mixed-bit plans."""
+    input:
+        sensitivity=str(paths.sensitivity_path(RESULTS, "{model}")),
+        manifests=lambda wc: quant_manifests(wc.model),
+    output:
+        str(paths.ppl_map_path(RESULTS, "{model}")),
+    params:
+        cli=llmpq("ppl-map"),
+        eval=config["eval"],
+    log:
+        "logs/ppl_map/{model}.log",
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} model={wildcards.model} out={output} > {log} 2>&1"

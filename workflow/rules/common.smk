@@ -1,0 +1,130 @@
+"""Config composition for the rules (imports llmpq.config only: no torch, so dry runs stay fast)."""
+
+import json
+import shlex
+from pathlib import Path
+
+from llmpq import paths
+from dataclasses import asdict
+
+from llmpq.config import ConfigSearch, compose_experiment, load_device
+
+RESULTS = Path(config.get("results_dir", "results"))
+CONFIG_DIR = config.get("config_dir")
+CONFIG_DIR_ARG = f"--config-dir {shlex.quote(str(Path(CONFIG_DIR).resolve()))}" if CONFIG_DIR else ""
+_COMPOSED = {}
+
+
+def experiment(model, cluster, workload="", solver=""):
+    """The composed, validated experiment for one combination (cached per combination)."""
+    key = (model, cluster, workload, solver)
+    if key not in _COMPOSED:
+        overrides = [f"model={model}", f"cluster={cluster}"]
+        overrides += [f"workload={workload}"] if workload else []
+        overrides += [f"solver={solver}"] if solver else []
+        _COMPOSED[key] = compose_experiment(overrides, config_dir=CONFIG_DIR)
+    return _COMPOSED[key]
+
+
+def experiments():
+    """Every (model, cluster, workload, solver) that `rule all` builds."""
+    out = []
+    for entry in config.get("experiments", []):
+        for solver in entry["solvers"]:
+            out.append((entry["model"], entry["cluster"], entry["workload"], solver))
+    return out
+
+
+def has_weights(model):
+    """A model whose weights are built here or found in a local directory can be quantized and deployed."""
+    spec = experiment(model, "local-cpu").model
+    return model == "tiny-opt" or (Path(spec.source) / "config.json").is_file()
+
+
+def model_slice(model):
+    spec = experiment(model, "local-cpu").model
+    return {"source": spec.source, "bits": list(spec.bits), "quant": vars(spec.quant), "hf_config": spec.hf_config}
+
+
+def device_slice(device):
+    """The device's config as a dict: the params of every rule that times or plans for it."""
+    return asdict(load_device(device, config_dir=CONFIG_DIR))
+
+
+def model_of_cluster(cluster):
+    for m, c, _, _ in experiments():
+        if c == cluster:
+            return m
+    return experiment("tiny-opt", cluster).cluster.model or "tiny-opt"
+
+
+def model_weights(model):
+    """Input that stands for the model's weights (the tiny model is built by a rule)."""
+    if model == "tiny-opt":
+        return str(paths.tiny_model_dir(RESULTS) / "config.json")
+    return []
+
+
+def present_devices(cluster):
+    exp = experiment(model_of_cluster(cluster), cluster)
+    return exp.cluster.device_stems() if exp.cluster.present else []
+
+
+def profiles_for(model, cluster):
+    return [str(paths.profile_path(RESULTS, d, model)) for d in present_devices(cluster)]
+
+
+def links_for(cluster):
+    return [str(paths.links_path(RESULTS, cluster))] if present_devices(cluster) else []
+
+
+def quant_manifests(model):
+    spec = experiment(model, "local-cpu").model
+    return [str(paths.quant_manifest_path(RESULTS, model, spec.quant.scheme, b)) for b in spec.bits]
+
+
+def quality_inputs(model):
+    if not has_weights(model):
+        return []
+    return [str(paths.sensitivity_path(RESULTS, model)), str(paths.ppl_map_path(RESULTS, model))]
+
+
+def all_targets():
+    targets = set()
+    for model, cluster, workload, solver in experiments():
+        targets.add(str(paths.eval_path(RESULTS, model, cluster, workload)))
+    return sorted(targets)
+
+
+def plan_only_targets():
+    search = ConfigSearch(config_dir=CONFIG_DIR)
+    out = []
+    for cluster in search.options("cluster"):
+        exp = experiment("tiny-opt", cluster)
+        if exp.cluster.model is None:
+            continue
+        for workload in exp.cluster.workloads:
+            for solver in ("llmpq", "pipeedge", "uniform", "adabits"):
+                out.append(str(paths.plan_path(RESULTS, exp.cluster.model, cluster, workload, solver)))
+    return out
+
+
+def slurm_gpu_resources(device, count=1):
+    """SLURM GPU request of one device type, from its config's `slurm:` block (none for CPU devices)."""
+    spec = device_slice(device)
+    slurm = spec.get("slurm") or {}
+    if spec.get("kind") == "cpu" or not slurm:
+        return {}
+    if "gres" in slurm:
+        return {"gres": slurm["gres"]}
+    res = {"gpu": count, "gpu_model": slurm.get("gpu_model", device), "tasks_per_gpu": 0}
+    if "constraint" in slurm:
+        res["constraint"] = slurm["constraint"]
+    if "partition" in slurm:
+        res["slurm_partition"] = slurm["partition"]
+    return res
+
+
+def llmpq(verb):
+    """The command line of one verb, with the workflow's config dir and results dir."""
+    return f"llmpq {verb} {CONFIG_DIR_ARG} results={shlex.quote(str(RESULTS))}"

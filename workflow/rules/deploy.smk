@@ -1,0 +1,20 @@
+rule deploy:
+    """Run a plan: one process per stage (torchrun locally, srun under SLURM), measured per phase."""
+    input:
+        plan=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
+        manifests=lambda wc: quant_manifests(wc.model),
+        weights=lambda wc: model_weights(wc.model),
+    output:
+        str(paths.run_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
+    params:
+        cli=llmpq("deploy"),
+    log:
+        "logs/deploy/{model}/{cluster}/{workload}/{solver}.log",
+    benchmark:
+        "logs/benchmarks/deploy/{model}/{cluster}/{workload}/{solver}.tsv"
+    threads: workflow.cores
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
+        "plan={input.plan} out={output} > {log} 2>&1"

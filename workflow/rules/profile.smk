@@ -1,0 +1,38 @@
+rule profile:
+    """Time one real decoder layer (and embed/head) of the model on one device type, at every bit-width."""
+    input:
+        weights=lambda wc: model_weights(wc.model),
+    output:
+        str(paths.profile_path(RESULTS, "{device}", "{model}")),
+    params:
+        cli=llmpq("profile"),
+        device=lambda wc: device_slice(wc.device),
+        model=lambda wc: model_slice(wc.model),
+        grid=config["profile"],
+    wildcard_constraints:
+        device=r"(?!links/)[^/]+",
+    log:
+        "logs/profile/{device}/{model}.log",
+    benchmark:
+        "logs/benchmarks/profile/{device}/{model}.tsv"
+    threads: workflow.cores
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} device={wildcards.device} model={wildcards.model} out={output} > {log} 2>&1"
+
+
+rule profile_links:
+    """Time stage-to-stage transfers on a cluster that is present here."""
+    output:
+        str(paths.links_path(RESULTS, "{cluster}")),
+    params:
+        cli=llmpq("profile-links"),
+        links=lambda wc: experiment(model_of_cluster(wc.cluster), wc.cluster).raw["cluster"],
+    log:
+        "logs/profile_links/{cluster}.log",
+    threads: workflow.cores
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} cluster={wildcards.cluster} out={output} > {log} 2>&1"

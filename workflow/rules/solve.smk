@@ -1,0 +1,26 @@
+rule solve:
+    """Plan partition, per-layer bits and micro-batches for one model x cluster x workload x method."""
+    input:
+        profiles=lambda wc: profiles_for(wc.model, wc.cluster),
+        links=lambda wc: links_for(wc.cluster),
+        quality=lambda wc: quality_inputs(wc.model),
+        weights=lambda wc: model_weights(wc.model),
+    output:
+        plan=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
+        layers=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}").with_suffix(".parquet")),
+    params:
+        cli=llmpq("solve"),
+        cluster=lambda wc: experiment(wc.model, wc.cluster).raw["cluster"],
+        devices=lambda wc: experiment(wc.model, wc.cluster).raw["devices"],
+        workload=lambda wc: experiment(wc.model, wc.cluster, wc.workload).raw["workload"],
+        solver=lambda wc: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw["solver"],
+        model=lambda wc: model_slice(wc.model),
+    log:
+        "logs/solve/{model}/{cluster}/{workload}/{solver}.log",
+    benchmark:
+        "logs/benchmarks/solve/{model}/{cluster}/{workload}/{solver}.tsv"
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
+        "solver={wildcards.solver} out={output.plan} > {log} 2>&1"
