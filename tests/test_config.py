@@ -1,0 +1,127 @@
+"""Config composition and validation: each bad input names its file and key and exits non-zero."""
+
+import textwrap
+
+import pytest
+
+from llmpq.cli import main
+from llmpq.config import ConfigError, compose_experiment, load_device
+
+GOOD_CLUSTER = """
+name: mine
+nodes:
+  - {name: a, devices: {t4: 2}}
+present: false
+links:
+  intra_node: {bandwidth_gbps: 16, latency_us: 10}
+  inter_node: {bandwidth_gbps: 1.25, latency_us: 50}
+"""
+
+
+def user_dir(tmp_path, group, stem, text):
+    (tmp_path / group).mkdir(parents=True, exist_ok=True)
+    (tmp_path / group / f"{stem}.yaml").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def test_default_composes():
+    exp = compose_experiment()
+    assert exp.model.name == "tiny-opt"
+    assert exp.cluster.name == "local-cpu"
+    assert set(exp.devices) == {"cpu-large", "cpu-small"}
+    assert exp.devices["cpu-small"].threads == 1
+    assert exp.devices["cpu-small"].memory_cap_gib < exp.devices["cpu-large"].memory_cap_gib
+
+
+@pytest.mark.parametrize("cluster", [f"paper-c{i}" for i in range(1, 12)])
+def test_paper_clusters_compose(cluster):
+    exp = compose_experiment([f"cluster={cluster}"])
+    assert exp.cluster.model in {"opt-13b", "opt-30b", "opt-66b", "bloom-176b"}
+    assert all(w in {"s512-n100-b32", "s128-n200-b32"} for w in exp.cluster.workloads)
+    assert all(d.kind == "gpu" and d.memory_gib > 0 for d in exp.devices.values())
+
+
+def test_paper_c3_layout():
+    exp = compose_experiment(["cluster=paper-c3", "model=opt-30b"])
+    assert exp.cluster.device_slots() == [("n0", "t4")] * 3 + [("n1", "v100-32g")]
+    assert exp.devices["t4"].memory_gib == pytest.approx(14.76)
+
+
+def test_user_config_dir_adds_cluster(tmp_path):
+    d = user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER)
+    exp = compose_experiment(["cluster=mine"], config_dir=d)
+    assert exp.cluster.device_slots() == [("a", "t4"), ("a", "t4")]
+
+
+def test_user_config_dir_adds_device(tmp_path):
+    user_dir(tmp_path, "device", "x1", """
+        name: X1
+        memory_gib: 8
+        mem_bandwidth_gbps: 100
+        fp16_tflops: 10
+        bits: [16, 4]
+    """)
+    d = user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER.replace("t4: 2", "x1: 1, t4: 1"))
+    exp = compose_experiment(["cluster=mine"], config_dir=d)
+    assert exp.devices["x1"].bits == (16, 4)
+    assert load_device("x1", config_dir=d).memory_gib == 8
+
+
+@pytest.mark.parametrize("bad, key, text", [
+    (GOOD_CLUSTER.replace("t4: 2", "x100: 2"), "nodes[0].devices.x100", "unknown device 'x100'"),
+    (GOOD_CLUSTER.replace("t4: 2", "t4: 0"), "nodes[0].devices.t4", "must be > 0"),
+    (GOOD_CLUSTER.replace("t4: 2", "t4: two"), "nodes[0].devices.t4", "expected int"),
+    (GOOD_CLUSTER.replace("name: mine\n", ""), "name", "missing required key"),
+    (GOOD_CLUSTER.replace("bandwidth_gbps: 16", "bandwidth_gbps: fast"), "links.intra_node.bandwidth_gbps", "expected float"),
+    (GOOD_CLUSTER.replace("nodes:\n  - {name: a, devices: {t4: 2}}", "nodes: []"), "nodes", "at least one node"),
+])
+def test_bad_cluster_names_file_and_key(tmp_path, bad, key, text):
+    d = user_dir(tmp_path, "cluster", "mine", bad)
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(["cluster=mine"], config_dir=d)
+    assert err.value.key == key
+    assert err.value.file.endswith("cluster/mine.yaml")
+    assert text in err.value.message
+
+
+def test_unknown_group_option():
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(["workload=nope"])
+    assert err.value.key == "workload"
+    assert "s512-n100-b32" in err.value.message
+
+
+def test_override_type_error_names_workload_file():
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(["workload.gen_len=many"])
+    assert err.value.file.endswith("workload/s64-n16-b8.yaml") and err.value.key == "gen_len"
+
+
+def test_bad_device_bits(tmp_path):
+    user_dir(tmp_path, "device", "x1", "name: X1\nmemory_gib: 8\nmem_bandwidth_gbps: 100\nfp16_tflops: 10\nbits: [16, 5]\n")
+    d = user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER.replace("t4: 2", "x1: 1"))
+    with pytest.raises(ConfigError, match="unsupported bit-widths"):
+        compose_experiment(["cluster=mine"], config_dir=d)
+
+
+def test_cpu_threads_exceeding_cores(tmp_path):
+    d = user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER.replace("t4: 2", "cpu: 64").replace("present: false", "present: true"))
+    with pytest.raises(ConfigError, match="threads"):
+        compose_experiment(["cluster=mine"], config_dir=d)
+
+
+def test_two_budgets_refused():
+    with pytest.raises(ConfigError, match="one quality budget"):
+        compose_experiment(["solver.max_omega=1.0", "solver.budget_from=pipeedge"])
+
+
+def test_cli_config_ok(capsys):
+    assert main(["config", "cluster=paper-c3"]) == 0
+    assert '"paper-c3"' in capsys.readouterr().out
+
+
+def test_cli_config_error_exit_code(tmp_path, capsys):
+    d = user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER.replace("t4: 2", "x100: 2"))
+    assert main(["config", "--config-dir", str(d), "cluster=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster/mine.yaml" in err and "nodes[0].devices.x100" in err
