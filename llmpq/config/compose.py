@@ -72,7 +72,23 @@ def _hydra_compose(search: ConfigSearch, overrides: Sequence[str]) -> dict[str, 
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def _selected(raw: dict[str, Any], overrides: Sequence[str], group: str, default: str) -> str:
+def _cluster_stems(search: ConfigSearch, cluster: str, overrides: Sequence[str]) -> list[str]:
+    """Known device stems named by the cluster file (read directly: saves a second composition)."""
+    import yaml
+
+    path = search.file("cluster", cluster)
+    if path is None or any(o.lstrip("+~").startswith("cluster.") for o in overrides):
+        return []
+    known = set(search.options("device"))
+    try:
+        nodes = (yaml.safe_load(path.read_text()) or {}).get("nodes") or []
+        stems = [str(s) for n in nodes if isinstance(n, dict) for s in (n.get("devices") or {})]
+    except (yaml.YAMLError, AttributeError, TypeError):
+        return []
+    return [s for s in dict.fromkeys(stems) if s in known]
+
+
+def _selected(overrides: Sequence[str], group: str, default: str) -> str:
     for o in overrides:
         if o.lstrip("+~").startswith(f"{group}="):
             return o.split("=", 1)[1]
@@ -90,15 +106,16 @@ def compose_experiment(
 ) -> Experiment:
     """Compose, validate and type one experiment; raises ConfigError naming the file and key at fault."""
     search = ConfigSearch(conf_dir, config_dir)
-    base = _hydra_compose(search, overrides)
     defaults = _primary_defaults(search.conf_dir / "config.yaml")
-    chosen = {g: _selected(base, overrides, g, defaults.get(g, "")) for g in ("model", "cluster", "workload", "solver")}
+    chosen = {g: _selected(overrides, g, defaults.get(g, "")) for g in ("model", "cluster", "workload", "solver")}
+    stems = _cluster_stems(search, chosen["cluster"], overrides)
+    raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in stems])
     cluster_file = search.label("cluster", chosen["cluster"])
     known = search.options("device")
-    cluster = cluster_spec(cluster_file, base["cluster"], lambda s: s in known, known)
-    stems = cluster.device_stems()
-    raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in stems]) if stems else base
-    devices = {s: device_spec(s, search.label("device", s), raw["devices"][s]) for s in stems}
+    cluster = cluster_spec(cluster_file, raw["cluster"], lambda s: s in known, known)
+    if cluster.device_stems() != stems:
+        raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in cluster.device_stems()])
+    devices = {s: device_spec(s, search.label("device", s), raw["devices"][s]) for s in cluster.device_stems()}
     check_cpu_threads(cluster_file, cluster, devices)
     return Experiment(
         model=model_spec(search.label("model", chosen["model"]), raw["model"]),

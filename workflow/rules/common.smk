@@ -6,6 +6,7 @@ from pathlib import Path
 
 from llmpq import paths
 from dataclasses import asdict
+from functools import lru_cache
 
 from llmpq.config import ConfigSearch, compose_experiment, load_device
 
@@ -46,9 +47,14 @@ def model_slice(model):
     return {"source": spec.source, "bits": list(spec.bits), "quant": vars(spec.quant), "hf_config": spec.hf_config}
 
 
+@lru_cache(maxsize=None)
+def _device(device):
+    return asdict(load_device(device, config_dir=CONFIG_DIR))
+
+
 def device_slice(device):
     """The device's config as a dict: the params of every rule that times or plans for it."""
-    return asdict(load_device(device, config_dir=CONFIG_DIR))
+    return _device(device)
 
 
 def model_of_cluster(cluster):
@@ -97,15 +103,18 @@ def all_targets():
 
 
 def plan_only_targets():
+    """Plans of every cluster config that names its model and workloads (the paper's clusters)."""
+    import yaml
+
     search = ConfigSearch(config_dir=CONFIG_DIR)
     out = []
     for cluster in search.options("cluster"):
-        exp = experiment("tiny-opt", cluster)
-        if exp.cluster.model is None:
+        data = yaml.safe_load(search.file("cluster", cluster).read_text()) or {}
+        if not data.get("model"):
             continue
-        for workload in exp.cluster.workloads:
+        for workload in data.get("workloads", []):
             for solver in ("llmpq", "pipeedge", "uniform", "adabits"):
-                out.append(str(paths.plan_path(RESULTS, exp.cluster.model, cluster, workload, solver)))
+                out.append(str(paths.plan_path(RESULTS, data["model"], cluster, workload, solver)))
     return out
 
 

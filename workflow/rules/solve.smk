@@ -10,10 +10,8 @@ rule solve:
         layers=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}").with_suffix(".parquet")),
     params:
         cli=llmpq("solve"),
-        cluster=lambda wc: experiment(wc.model, wc.cluster).raw["cluster"],
-        devices=lambda wc: experiment(wc.model, wc.cluster).raw["devices"],
-        workload=lambda wc: experiment(wc.model, wc.cluster, wc.workload).raw["workload"],
-        solver=lambda wc: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw["solver"],
+        config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw[k]
+                           for k in ("cluster", "devices", "workload", "solver")},
         model=lambda wc: model_slice(wc.model),
     log:
         "logs/solve/{model}/{cluster}/{workload}/{solver}.log",
