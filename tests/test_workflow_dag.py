@@ -45,3 +45,18 @@ def test_plan_only_dag_has_no_weights_work(empty_workdir):
     counts = job_counts(dry_run("plan_only", cwd=empty_workdir))
     assert counts["solve"] == 4 * 14              # 14 (cluster, workload) cases of the paper x 4 methods
     assert "quantize" not in counts and "profile" not in counts and "deploy" not in counts
+
+
+@pytest.mark.slow
+def test_slurm_profile_requests_gpus_of_each_device_type(empty_workdir):
+    """A site that owns paper-c3's GPUs: the SLURM dry run asks for a T4 and a V100 profile job."""
+    site = empty_workdir / "site" / "cluster"
+    site.mkdir(parents=True)
+    text = (ROOT / "conf/cluster/paper-c3.yaml").read_text()
+    (site / "site-c3.yaml").write_text(text.replace("present: false", "present: true").replace("name: paper-c3", "name: site-c3"))
+    out = dry_run("--profile", str(ROOT / "profiles/slurm"), "--config", f"config_dir={site.parent}",
+                  "experiments=[{model: opt-30b, cluster: site-c3, workload: s512-n100-b32, solvers: [llmpq]}]",
+                  cwd=empty_workdir)
+    requests = re.findall(r"rule profile:\n(?:.*\n)*?\s+resources: .*?gpu=(\d+), gpu_model=(\w+)", out)
+    assert sorted(requests) == [("1", "t4"), ("1", "v100")]
+    assert "slurm_partition=local" in out

@@ -98,7 +98,10 @@ def quality_inputs(model):
 def all_targets():
     targets = set()
     for model, cluster, workload, solver in experiments():
-        targets.add(str(paths.eval_path(RESULTS, model, cluster, workload)))
+        if has_weights(model):
+            targets.add(str(paths.eval_path(RESULTS, model, cluster, workload)))
+        else:
+            targets.add(str(paths.plan_path(RESULTS, model, cluster, workload, solver)))
     return sorted(targets)
 
 
@@ -118,20 +121,35 @@ def plan_only_targets():
     return out
 
 
-def slurm_gpu_resources(device, count=1):
-    """SLURM GPU request of one device type, from its config's `slurm:` block (none for CPU devices)."""
+def gpu_request(device, count=1):
+    """SLURM GPU request of `count` devices of one type from its config's `slurm:` block.
+
+    Keys are those of snakemake-executor-plugin-slurm: `gres` if the block gives one, else `gpu` and
+    `gpu_model`; a CPU device requests nothing (0 and empty strings, which the plugin skips).
+    """
     spec = device_slice(device)
     slurm = spec.get("slurm") or {}
-    if spec.get("kind") == "cpu" or not slurm:
-        return {}
-    if "gres" in slurm:
-        return {"gres": slurm["gres"]}
-    res = {"gpu": count, "gpu_model": slurm.get("gpu_model", device), "tasks_per_gpu": 0}
-    if "constraint" in slurm:
-        res["constraint"] = slurm["constraint"]
-    if "partition" in slurm:
-        res["slurm_partition"] = slurm["partition"]
-    return res
+    if spec.get("kind") == "cpu":
+        return {"gpu": 0, "gpu_model": "", "gres": ""}
+    if slurm.get("gres"):
+        return {"gpu": 0, "gpu_model": "", "gres": f"{slurm['gres']}:{count}"}
+    return {"gpu": count, "gpu_model": slurm.get("gpu_model", device), "gres": ""}
+
+
+def plan_devices(plan_file):
+    """Device stems of a plan's stages, in pipeline order."""
+    return [stage["device"] for stage in json.loads(Path(plan_file).read_text())["stages"]]
+
+
+def deploy_gpu_request(plan_file):
+    """GPUs for a deploy job: one per stage, of the plan's single GPU type.
+
+    A plan that mixes GPU types needs a heterogeneous job, which the SLURM plugin does not build:
+    such plans request the first stage's type and must be started by hand (see the README).
+    """
+    devices = plan_devices(plan_file)
+    gpus = [d for d in devices if device_slice(d).get("kind") != "cpu"]
+    return gpu_request(gpus[0], len(gpus)) if gpus else gpu_request(devices[0])
 
 
 def llmpq(verb):

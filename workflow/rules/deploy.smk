@@ -13,6 +13,12 @@ rule deploy:
     benchmark:
         "logs/benchmarks/deploy/{model}/{cluster}/{workload}/{solver}.tsv"
     threads: workflow.cores
+    resources:
+        tasks=lambda wc, input: len(plan_devices(input.plan)),
+        mpi="srun",
+        gpu=lambda wc, input: deploy_gpu_request(input.plan)["gpu"],
+        gpu_model=lambda wc, input: deploy_gpu_request(input.plan)["gpu_model"],
+        gres=lambda wc, input: deploy_gpu_request(input.plan)["gres"],
     conda:
         "../../envs/llmpq.yaml"
     shell:

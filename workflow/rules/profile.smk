@@ -16,6 +16,10 @@ rule profile:
     benchmark:
         "logs/benchmarks/profile/{device}/{model}.tsv"
     threads: workflow.cores
+    resources:
+        gpu=lambda wc: gpu_request(wc.device)["gpu"],
+        gpu_model=lambda wc: gpu_request(wc.device)["gpu_model"],
+        gres=lambda wc: gpu_request(wc.device)["gres"],
     conda:
         "../../envs/llmpq.yaml"
     shell:
