@@ -24,6 +24,12 @@ rule all:
     default_target: True
 
 
+onsuccess:
+    for summary in sorted(RESULTS.glob("eval/*/*/*/summary.md")):
+        print(summary.read_text())
+    print("Report: snakemake --report report.html  (plots under results/eval/)")
+
+
 rule plan_only:
     """Plans for every paper cluster and its workloads from shapes alone (roofline latency, proxy sensitivity)."""
     input:

@@ -1,3 +1,8 @@
+def figure(model, cluster, workload, name):
+    """A figure of the evaluation of one model x cluster x workload."""
+    return str(paths.eval_path(RESULTS, model, cluster, workload).with_suffix("") / name)
+
+
 def solvers_of(model, cluster, workload):
     return [s for m, c, w, s in experiments() if (m, c, w) == (model, cluster, workload)]
 
@@ -5,12 +10,23 @@ def solvers_of(model, cluster, workload):
 rule evaluate:
     """Compare every method's plan and run: measured vs predicted, perplexity, memory; plots."""
     input:
+        profiles=lambda wc: profiles_for(wc.model, wc.cluster),
         plans=lambda wc: [str(paths.plan_path(RESULTS, wc.model, wc.cluster, wc.workload, s))
                           for s in solvers_of(wc.model, wc.cluster, wc.workload)],
         runs=lambda wc: [str(paths.run_path(RESULTS, wc.model, wc.cluster, wc.workload, s))
                          for s in solvers_of(wc.model, wc.cluster, wc.workload)],
     output:
-        str(paths.eval_path(RESULTS, "{model}", "{cluster}", "{workload}")),
+        table=str(paths.eval_path(RESULTS, "{model}", "{cluster}", "{workload}")),
+        summary=figure("{model}", "{cluster}", "{workload}", "summary.md"),
+        plan=report(figure("{model}", "{cluster}", "{workload}", "plan.png"), caption="../report/plan.rst",
+                    category="Plans", subcategory="{model} / {cluster} / {workload}"),
+        throughput=report(figure("{model}", "{cluster}", "{workload}", "throughput.png"),
+                          caption="../report/throughput.rst", category="Throughput",
+                          subcategory="{model} / {cluster} / {workload}"),
+        fidelity=report(figure("{model}", "{cluster}", "{workload}", "fidelity.png"), caption="../report/fidelity.rst",
+                        category="Cost model", subcategory="{model} / {cluster} / {workload}"),
+        quality=report(figure("{model}", "{cluster}", "{workload}", "quality.png"), caption="../report/quality.rst",
+                       category="Quality", subcategory="{model} / {cluster} / {workload}"),
     params:
         cli=llmpq("evaluate"),
         eval=config["eval"],
@@ -20,4 +36,4 @@ rule evaluate:
         "../../envs/llmpq.yaml"
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "out={output} > {log} 2>&1"
+        "out={output.table} > {log} 2>&1"
