@@ -1,1 +1,25 @@
-"""llmpq.data."""
+"""llmpq.data: named text sources and their train / calib / eval splits."""
+
+from llmpq.data.text import (
+    SOURCES,
+    SPLITS,
+    Document,
+    SourceUnavailableError,
+    default_source,
+    encode_split,
+    load_split,
+    sample_prompts,
+    split_documents,
+)
+
+__all__ = [
+    "SOURCES",
+    "SPLITS",
+    "Document",
+    "SourceUnavailableError",
+    "default_source",
+    "encode_split",
+    "load_split",
+    "sample_prompts",
+    "split_documents",
+]

