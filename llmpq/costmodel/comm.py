@@ -1,0 +1,61 @@
+"""Communication between stages: α + bytes / bandwidth per link, and the payloads that cross them.
+
+Links are the cluster's two classes (`intra_node`, `inter_node`); measured ones (from `profile-links`)
+replace the configured ones where present.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from llmpq.config import ClusterSpec, DeviceSpec, Link
+from llmpq.models.shape import ModelShape
+
+from .memory import TOKEN_ID_BYTES, dtype_bytes
+
+LINK_CLASSES = ("intra_node", "inter_node")
+
+
+def transfer_ms(link: Link, nbytes: int) -> float:
+    """c = α + bytes / BW (ms), with α = latency_us / 1e3 and BW in GB/s = 1e9 B/s."""
+    return link.latency_us / 1e3 + nbytes / (link.bandwidth_gbps * 1e9) * 1e3
+
+
+def hidden_bytes(shape: ModelShape, batch: int, tokens: int, device: DeviceSpec) -> int:
+    """Activation payload = b · tokens · hidden · d (bytes), d of the sender's activation dtype."""
+    return batch * tokens * shape.hidden * dtype_bytes(device)
+
+
+def token_bytes(batch: int) -> int:
+    """Return-link payload: one int64 token id per sequence = b · 8 (bytes)."""
+    return batch * TOKEN_ID_BYTES
+
+
+def link_between(cluster: ClusterSpec, node_a: str, node_b: str, measured: Mapping[str, Link] | None = None) -> Link:
+    """The link class joining two nodes (same node: intra_node), measured if available, else configured."""
+    names = {n.name for n in cluster.nodes}
+    for node in (node_a, node_b):
+        if node not in names:
+            raise ValueError(f"cluster {cluster.name}: unknown node {node!r} (known: {', '.join(sorted(names))})")
+    kind = "intra_node" if node_a == node_b else "inter_node"
+    if measured and kind in measured:
+        return measured[kind]
+    return cluster.intra_node if kind == "intra_node" else cluster.inter_node
+
+
+def fit_link(payload_bytes: Sequence[float], latency_ms: Sequence[float]) -> Link:
+    """Least-squares fit of t = α + bytes / BW to measured transfers; α and 1/BW clamped at >= 0.
+
+    Returns latency_us = α·1e3 and bandwidth_gbps = 1e-6 / slope (slope in ms per byte).
+    """
+    import numpy as np
+
+    x = np.asarray(payload_bytes, dtype=float)
+    y = np.asarray(latency_ms, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError("fitting a link needs at least two different payload sizes")
+    slope, alpha = np.polyfit(x, y, 1)
+    if alpha < 0:
+        slope, alpha = float(np.dot(x, y) / np.dot(x, x)), 0.0
+    slope = max(float(slope), 1e-15)
+    return Link(bandwidth_gbps=1e-6 / slope, latency_us=float(alpha) * 1e3)

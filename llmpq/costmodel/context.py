@@ -1,0 +1,66 @@
+"""Everything the estimator needs, built once per (model, cluster, workload): shapes, devices, latency, links."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from llmpq import paths
+from llmpq.config import ClusterSpec, DeviceSpec, Experiment, Link, QuantSpec, WorkloadSpec
+from llmpq.models.shape import ModelShape
+
+from .comm import LINK_CLASSES, fit_link
+from .latency import LatencyModel, build_latency_model
+
+
+@dataclass(frozen=True)
+class CostContext:
+    """The inputs of every cost term; `links` holds measured link classes (may be empty)."""
+
+    shape: ModelShape
+    devices: Mapping[str, DeviceSpec]
+    cluster: ClusterSpec
+    workload: WorkloadSpec
+    quant: QuantSpec
+    latency: LatencyModel
+    links: Mapping[str, Link] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", MappingProxyType(dict(self.devices)))
+        object.__setattr__(self, "links", MappingProxyType(dict(self.links)))
+
+
+def read_links(path: Path) -> dict[str, Link]:
+    """Measured link classes of a `links` table: α and bandwidth fitted per link class."""
+    from llmpq.artifacts import read_table
+
+    df = read_table("links", path).to_pandas()
+    out: dict[str, Link] = {}
+    for name, rows in df.groupby("link", sort=True):
+        if name not in LINK_CLASSES:
+            raise ValueError(f"{path}: unknown link class {name!r} (known: {', '.join(LINK_CLASSES)})")
+        out[str(name)] = fit_link(rows["payload_bytes"].to_numpy(float), rows["latency_ms"].to_numpy(float))
+    return out
+
+
+def profile_paths(exp: Experiment, results: Path) -> dict[str, Path]:
+    """Device stem -> profile parquet, for the cluster's devices that have been profiled with this model."""
+    found = {stem: paths.profile_path(results, stem, exp.model.name) for stem in exp.cluster.device_stems()}
+    return {stem: p for stem, p in found.items() if p.is_file()}
+
+
+def build_context(exp: Experiment, results: Path, shape: ModelShape | None = None) -> CostContext:
+    """The cost context of an experiment, reading profiles and measured links from `results` if present.
+
+    `shape` defaults to the model's configured shape (`llmpq.models.source.model_shape`).
+    """
+    from llmpq.models.source import model_shape
+
+    shape = shape or model_shape(exp.model)
+    latency = build_latency_model(shape, exp.devices, exp.model.quant, profile_paths(exp, Path(results)))
+    links_file = paths.links_path(Path(results), exp.cluster.name)
+    links = read_links(links_file) if links_file.is_file() else {}
+    return CostContext(shape=shape, devices=exp.devices, cluster=exp.cluster, workload=exp.workload,
+                       quant=exp.model.quant, latency=latency, links=links)

@@ -1,0 +1,154 @@
+"""The exact score of a plan: stage times, link times and memory, composed by the ring-pipeline formulas.
+
+Prefill: K_p = ceil(B/b_p) micro-batches of b_p prompts of s tokens; every link but the return carries
+b_p·s·hidden activations, the return link b_p token ids. Decode: n − 1 rounds of K_d = ceil(B/b_d)
+micro-batches of one token each; round k attends over context s + k; links carry b_d·hidden, the
+return link b_d token ids. Every round is scored (no mid-generation shortcut); `llmpq.costmodel.pipeline`
+composes them. A partial last micro-batch is costed as a full one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .comm import hidden_bytes, link_between, token_bytes, transfer_ms
+from .context import CostContext
+from .memory import StageMemory, stage_memory
+from .pipeline import PhaseTimes, micro_batches, pipeline_time, throughput_tok_s
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    """One pipeline stage: a device (stem) on a node holding layers [start, end) at `bits` each."""
+
+    device: str
+    node: str
+    start: int
+    end: int
+    bits: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"stage on {self.device}: needs 0 <= start < end, got [{self.start}, {self.end})")
+        if len(self.bits) != self.end - self.start:
+            raise ValueError(f"stage on {self.device}: {len(self.bits)} bit-widths for layers [{self.start}, {self.end})")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted time and memory of a plan. Stage and link times are per micro-batch (ms), decode ones at
+    mid-generation context s + max(1, n // 2); `bottleneck_stage` is the busiest stage over the whole job."""
+
+    prefill_s: float
+    decode_s: float
+    throughput_tok_s: float
+    stage_prefill_ms: tuple[float, ...]
+    stage_decode_ms: tuple[float, ...]
+    comm_prefill_ms: tuple[float, ...]
+    comm_decode_ms: tuple[float, ...]
+    memory: tuple[StageMemory, ...]
+    fits: bool
+    bottleneck_stage: int
+
+
+def _stage_ms_many(ctx: CostContext, stage: StageAssignment, phase: str, batch: int, q_tokens: int,
+                   contexts: np.ndarray, *, first: bool, last: bool) -> np.ndarray:
+    """t_j at many context lengths: Σ_layers t_layer(bits_i) + t_embed (first) + t_head (last) (ms)."""
+    total = np.zeros(len(contexts))
+    for bits in sorted(set(stage.bits)):
+        count = stage.bits.count(bits)
+        total += count * ctx.latency.layer_ms_many(stage.device, bits, phase, batch, q_tokens, contexts)
+    if first:
+        total += ctx.latency.embed_ms(stage.device, phase, batch, q_tokens)
+    if last:
+        total += ctx.latency.head_ms(stage.device, phase, batch)
+    return total
+
+
+def stage_time_ms(ctx: CostContext, stage: StageAssignment, phase: str, batch: int, context_len: int, *,
+                  first: bool, last: bool) -> float:
+    """t_j = Σ_{i in stage} t_layer(device, b_i, phase, batch, q, c) + t_embed (first) + t_head (last) (ms).
+
+    Prefill: q = c = context_len (the prompt); decode: q = 1 new token over context c.
+    """
+    q = context_len if phase == "prefill" else 1
+    return float(_stage_ms_many(ctx, stage, phase, batch, q, np.asarray([context_len]), first=first, last=last)[0])
+
+
+def link_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int, tokens: int) -> tuple[float, ...]:
+    """c_j for j = 0..N−1: link j → j+1 carries b·tokens·hidden (sender's dtype); the return link b token ids.
+
+    A one-stage pipeline has no link (c_0 = 0).
+    """
+    n = len(stages)
+    if n == 1:
+        return (0.0,)
+    out = []
+    for j, stage in enumerate(stages):
+        nxt = stages[(j + 1) % n]
+        link = link_between(ctx.cluster, stage.node, nxt.node, ctx.links)
+        payload = token_bytes(batch) if j == n - 1 else hidden_bytes(ctx.shape, batch, tokens, ctx.devices[stage.device])
+        out.append(transfer_ms(link, payload))
+    return tuple(out)
+
+
+def check_stages(ctx: CostContext, stages: Sequence[StageAssignment]) -> None:
+    """Stages must cover layers 0..L−1 contiguously, on known devices and nodes, at bits the device supports."""
+    if not stages:
+        raise ValueError("a plan needs at least one stage")
+    nodes = {n.name for n in ctx.cluster.nodes}
+    expected = 0
+    for j, s in enumerate(stages):
+        if s.start != expected:
+            raise ValueError(f"stage {j} starts at layer {s.start}, expected {expected} (stages must be contiguous)")
+        if s.device not in ctx.devices:
+            raise ValueError(f"stage {j}: unknown device {s.device!r}")
+        if s.node not in nodes:
+            raise ValueError(f"stage {j}: unknown node {s.node!r} in cluster {ctx.cluster.name}")
+        bad = sorted(set(s.bits) - set(ctx.devices[s.device].bits))
+        if bad:
+            raise ValueError(f"stage {j}: device {s.device} has no kernel for bits {bad}")
+        expected = s.end
+    if expected != ctx.shape.num_layers:
+        raise ValueError(f"stages cover {expected} layers, the model has {ctx.shape.num_layers}")
+
+
+def estimate(ctx: CostContext, stages: Sequence[StageAssignment], b_p: int, b_d: int) -> Estimate:
+    """Exact prediction of a plan: T_p + T_d over all n − 1 decode rounds (pipeline formulas), throughput, memory."""
+    check_stages(ctx, stages)
+    w = ctx.workload
+    s, n, last_j = w.prompt_len, w.gen_len, len(stages) - 1
+    k_p, k_d = micro_batches(w.batch, b_p), micro_batches(w.batch, b_d)
+
+    prefill_stage = tuple(
+        float(_stage_ms_many(ctx, st, "prefill", b_p, s, np.asarray([s]), first=j == 0, last=j == last_j)[0])
+        for j, st in enumerate(stages))
+    prefill = PhaseTimes(prefill_stage, link_times_ms(ctx, stages, b_p, s))
+
+    k_mid = max(1, n // 2)
+    contexts = s + np.arange(1, max(n, 2), dtype=float)  # rounds k = 1..n−1 (k_mid too when n = 1)
+    decode_stage = np.stack([_stage_ms_many(ctx, st, "decode", b_d, 1, contexts, first=j == 0, last=j == last_j)
+                             for j, st in enumerate(stages)])
+    comm_decode = link_times_ms(ctx, stages, b_d, 1)
+    rounds = [PhaseTimes(tuple(map(float, decode_stage[:, k - 1])), comm_decode) for k in range(1, n)]
+
+    timing = pipeline_time(prefill, rounds, k_p, k_d)
+    busy = k_p * np.asarray(prefill_stage) + k_d * decode_stage[:, : n - 1].sum(axis=1)
+    memory = tuple(stage_memory(ctx.shape, ctx.devices[st.device], st.bits, w, b_p, b_d, ctx.quant,
+                                first=j == 0, last=j == last_j) for j, st in enumerate(stages))
+    return Estimate(
+        prefill_s=timing.prefill_ms / 1e3,
+        decode_s=timing.decode_ms / 1e3,
+        throughput_tok_s=throughput_tok_s(w.batch, n, timing),
+        stage_prefill_ms=prefill_stage,
+        stage_decode_ms=tuple(map(float, decode_stage[:, k_mid - 1])),
+        comm_prefill_ms=prefill.comm_ms,
+        comm_decode_ms=comm_decode,
+        memory=memory,
+        fits=all(m.fits for m in memory),
+        bottleneck_stage=int(np.argmax(busy)),
+    )

@@ -1,0 +1,257 @@
+"""Latency of layers, embedding and head per device: fitted to a profile, else the roofline.
+
+A profile holds, per (component, bits, phase), medians on a rectangular grid of (batch, length), where
+length is the prompt (prefill: q = c = length), the context (decode: q = 1, c = length) or the query
+tokens (embedding); the head has length 1. The fit:
+
+- inside the grid: bilinear interpolation (in batch and length, linear coordinates: exact for
+  α + β·b + γ·L + δ·b·L) of the grid made monotone along both axes (alternating isotonic regression, so
+  a noisy point is averaged with its neighbours rather than raising everything above it), so the
+  result is never negative and non-decreasing in batch and length;
+- outside the grid: the value at the nearest grid point (coordinates clamped) times the roofline's growth
+  along each axis, ρ_b = R(b, L_ref)/R(b*, L_ref) and ρ_L = R(b_ref, L)/R(b_ref, L*) with fixed references
+  (the grid's largest batch and length): continuous at the edge (ρ = 1 there) and monotone by construction;
+- a device without a profile (or a component the profile lacks): the roofline from the device config;
+  a bit-width the profile lacks: the roofline at those bits scaled by profile/roofline at the nearest
+  profiled bit-width.
+
+The scaling is per device stem, so efficiencies seen on a CPU never leak into a GPU's numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import numpy as np
+
+from llmpq.config import DeviceSpec, QuantSpec
+from llmpq.models.shape import ModelShape
+
+from .roofline import PHASES, LayerRoofline, embed_roofline_ms, head_roofline_ms
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+COMPONENTS = ("layer", "embed", "head")
+KNOWN_BITS = (16, 8, 4, 3, 2)
+FitKey = tuple[str, int, str]  # (component, bits, phase)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Monotone latency table on a rectangular (batch × length) grid, in ms."""
+
+    batches: tuple[float, ...]
+    lengths: tuple[float, ...]
+    values_ms: tuple[tuple[float, ...], ...]  # [batch index][length index]
+    _arrays: tuple[np.ndarray, np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        arrays = (np.asarray(self.batches, float), np.asarray(self.lengths, float), np.asarray(self.values_ms, float))
+        for a in arrays:
+            a.setflags(write=False)
+        object.__setattr__(self, "_arrays", arrays)
+
+    @staticmethod
+    def from_points(batches: np.ndarray, lengths: np.ndarray, latency_ms: np.ndarray, where: str) -> "Grid":
+        """Grid from measured points (medians of duplicates), made monotone along both axes (`monotone_2d`)."""
+        xs, ys = np.unique(batches), np.unique(lengths)
+        table = np.full((len(xs), len(ys)), np.nan)
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                hit = latency_ms[(batches == x) & (lengths == y)]
+                if len(hit):
+                    table[i, j] = float(np.median(hit))
+        if np.isnan(table).any():
+            missing = [(int(xs[i]), int(ys[j])) for i, j in zip(*np.nonzero(np.isnan(table)))]
+            raise ValueError(f"{where}: profile grid is not rectangular, missing (batch, length) {missing[:5]}")
+        table = monotone_2d(np.clip(table, 0.0, None))
+        return Grid(tuple(map(float, xs)), tuple(map(float, ys)), tuple(tuple(map(float, r)) for r in table))
+
+    def clamp(self, batch: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The nearest grid-box point: each coordinate clamped to the grid's range."""
+        return (np.clip(batch, self.batches[0], self.batches[-1]), np.clip(length, self.lengths[0], self.lengths[-1]))
+
+    def interpolate(self, batch: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """Bilinear interpolation at points inside the grid box (callers clamp first) (ms)."""
+        xs, ys, v = self._arrays
+        i, t = _bracket(xs, batch)
+        j, u = _bracket(ys, length)
+        i1 = np.minimum(i + 1, v.shape[0] - 1)
+        j1 = np.minimum(j + 1, v.shape[1] - 1)
+        low = v[i, j] * (1 - u) + v[i, j1] * u
+        high = v[i1, j] * (1 - u) + v[i1, j1] * u
+        return low * (1 - t) + high * t
+
+
+def isotonic(values: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit of a sequence (pool adjacent violators, equal weights)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return np.concatenate([np.full(int(c), s / c) for s, c in blocks])
+
+
+def monotone_2d(table: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """A table non-decreasing along both axes, close to `table`: alternating isotonic fits of the columns and
+    rows (a violating outlier is averaged with its neighbours, not propagated), then running maxima to make
+    the result exactly monotone."""
+    t = np.asarray(table, dtype=float)
+    for _ in range(iterations):
+        nxt = np.apply_along_axis(isotonic, 1, np.apply_along_axis(isotonic, 0, t))
+        done = np.allclose(nxt, t, rtol=1e-9, atol=0.0)
+        t = nxt
+        if done:
+            break
+    return np.maximum.accumulate(np.maximum.accumulate(t, axis=0), axis=1)
+
+
+def _bracket(axis: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the grid cell holding x and x's fraction inside it (0 for a one-point axis)."""
+    if len(axis) == 1:
+        return np.zeros_like(x, dtype=int), np.zeros_like(x, dtype=float)
+    i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, len(axis) - 2)
+    t = (x - axis[i]) / (axis[i + 1] - axis[i])
+    return i, np.clip(t, 0.0, 1.0)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Per-device latency of a layer, the embedding and the head (ms); immutable after construction."""
+
+    shape: ModelShape
+    devices: Mapping[str, DeviceSpec]
+    quant: QuantSpec
+    fits: Mapping[str, Mapping[FitKey, Grid]] = field(default_factory=dict)  # device stem -> fitted grids
+    _rooflines: Mapping[tuple[str, int], LayerRoofline] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", MappingProxyType(dict(self.devices)))
+        object.__setattr__(self, "fits", MappingProxyType({d: MappingProxyType(dict(f)) for d, f in self.fits.items()}))
+        object.__setattr__(self, "_rooflines", MappingProxyType({
+            (stem, b): LayerRoofline.of(self.shape, b, self.quant, spec)
+            for stem, spec in self.devices.items() for b in sorted(set(spec.bits) | set(KNOWN_BITS))}))
+
+    def source(self, device: str) -> str:
+        """"profile" where the device has a fitted profile, else "roofline"."""
+        self._device(device)
+        return "profile" if self.fits.get(device) else "roofline"
+
+    def layer_ms(self, device: str, bits: int, phase: str, batch: int, q_tokens: int, context_len: int) -> float:
+        """t_layer(device, bits, phase, b, q, c): one decoder layer for b sequences of q new tokens (ms)."""
+        return float(self.layer_ms_many(device, bits, phase, batch, q_tokens, np.asarray([context_len]))[0])
+
+    def layer_ms_many(self, device: str, bits: int, phase: str, batch: int, q_tokens: int,
+                      context_lens: np.ndarray) -> np.ndarray:
+        """`layer_ms` at many context lengths at once (ms); what the estimator uses for all decode rounds."""
+        self._device(device)
+        _check(phase, batch, q_tokens)
+        c = np.asarray(context_lens, dtype=float)
+        b = np.full_like(c, float(batch))
+
+        def canonical(bb: np.ndarray, length: np.ndarray, at_bits: int) -> np.ndarray:
+            """Roofline of the profiled shape: prefill q = c = length, decode q = 1, c = length."""
+            q = length if phase == "prefill" else 1.0
+            return self._roofline(device, at_bits).ms(phase, bb, q, length)
+
+        length = np.full_like(c, float(q_tokens)) if phase == "prefill" else c
+        base = self._fitted(device, ("layer", bits, phase), b, length, canonical)
+        if q_tokens == 1 if phase == "decode" else bool(np.all(c == q_tokens)):
+            return base
+        exact = self._roofline(device, bits).ms(phase, b, float(q_tokens), c)  # off the profiled shape
+        return base * _ratio(exact, canonical(b, length, bits))
+
+    def embed_ms(self, device: str, phase: str, batch: int, q_tokens: int) -> float:
+        """t_embed(device, phase, b, q): token (+ position) embedding of b·q tokens (ms)."""
+        spec = self._device(device)
+        _check(phase, batch, q_tokens)
+        return float(self._fitted(device, ("embed", 16, phase), np.asarray([float(batch)]),
+                                  np.asarray([float(q_tokens)]),
+                                  lambda b, q, _bits: embed_roofline_ms(self.shape, spec, phase, b, q))[0])
+
+    def head_ms(self, device: str, phase: str, batch: int) -> float:
+        """t_head(device, phase, b): final norm + LM head on the last position + greedy sampling (ms)."""
+        spec = self._device(device)
+        _check(phase, batch, 1)
+        return float(self._fitted(device, ("head", 16, phase), np.asarray([float(batch)]), np.asarray([1.0]),
+                                  lambda b, _q, _bits: head_roofline_ms(self.shape, spec, phase, b))[0])
+
+    def _roofline(self, device: str, bits: int) -> LayerRoofline:
+        found = self._rooflines.get((device, bits))
+        return found or LayerRoofline.of(self.shape, bits, self.quant, self._device(device))
+
+    def _device(self, device: str) -> DeviceSpec:
+        if device not in self.devices:
+            raise KeyError(f"no device config for {device!r} (known: {', '.join(self.devices)})")
+        return self.devices[device]
+
+    def _fitted(self, device: str, key: FitKey, batch: np.ndarray, length: np.ndarray,
+                roof: Callable[..., np.ndarray]) -> np.ndarray:
+        """The fitted value at (batch, length), extrapolated along the roofline; the roofline without a fit.
+
+        `roof(batch, length, bits)` is the roofline of the profiled shape (ms).
+        """
+        fits = self.fits.get(device, {})
+        component, bits, phase = key
+        if key not in fits:
+            profiled = sorted(b for (c, b, p) in fits if c == component and p == phase)
+            if not profiled:
+                return roof(batch, length, bits)
+            near = min(profiled, key=lambda b: (abs(b - bits), -b))
+            return self._fitted(device, (component, near, phase), batch, length, roof) * _ratio(
+                roof(batch, length, bits), roof(batch, length, near))
+        grid = fits[key]
+        bc, lc = grid.clamp(batch, length)
+        b_ref, l_ref = np.full_like(batch, grid.batches[-1]), np.full_like(length, grid.lengths[-1])
+        growth_b = _ratio(roof(batch, l_ref, bits), roof(bc, l_ref, bits))
+        growth_l = _ratio(roof(b_ref, length, bits), roof(b_ref, lc, bits))
+        return grid.interpolate(bc, lc) * growth_b * growth_l
+
+
+def _check(phase: str, batch: int, q_tokens: int) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r} (known: {', '.join(PHASES)})")
+    if batch < 1 or q_tokens < 1:
+        raise ValueError(f"batch and q_tokens must be >= 1, got batch={batch}, q_tokens={q_tokens}")
+
+
+def fit_profile(table: "pa.Table", where: str) -> dict[FitKey, Grid]:
+    """Grids of one device's profile table (a pyarrow Table of the `profile` schema), by (component, bits, phase)."""
+    df = table.to_pandas()
+    fits: dict[FitKey, Grid] = {}
+    for (component, bits, phase), rows in df.groupby(["component", "bits", "phase"], sort=True):
+        if component not in COMPONENTS or phase not in PHASES:
+            raise ValueError(f"{where}: unknown component/phase {component!r}/{phase!r}")
+        length = rows["context_len"] if component == "layer" and phase == "decode" else rows["q_tokens"]
+        fits[(str(component), int(bits), str(phase))] = Grid.from_points(
+            rows["batch"].to_numpy(float), length.to_numpy(float), rows["latency_ms"].to_numpy(float),
+            f"{where} [{component}, {bits} bits, {phase}]")
+    return fits
+
+
+def build_latency_model(shape: ModelShape, devices: Mapping[str, DeviceSpec], quant: QuantSpec,
+                        profiles: Mapping[str, Path]) -> LatencyModel:
+    """Fit every device's profile (device stem -> profile parquet); stems without one use the roofline."""
+    from llmpq.artifacts import read_table
+
+    fits: dict[str, dict[FitKey, Grid]] = {}
+    for stem, path in profiles.items():
+        if stem not in devices:
+            raise KeyError(f"profile for unknown device {stem!r}: {path}")
+        table = read_table("profile", path)
+        stems = set(table.column("device").to_pylist())
+        if stems - {stem}:
+            raise ValueError(f"{path}: profile of device(s) {sorted(stems)}, expected {stem!r}")
+        fits[stem] = fit_profile(table, str(path))
+    return LatencyModel(shape=shape, devices=devices, quant=quant, fits=fits)

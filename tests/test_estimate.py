@@ -1,0 +1,145 @@
+"""Estimator: stage times, links, the pipeline formulas over every decode round, memory."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from llmpq.config import Link, compose_experiment
+from llmpq.costmodel.comm import fit_link, hidden_bytes, link_between, transfer_ms
+from llmpq.costmodel.context import build_context
+from llmpq.costmodel.estimate import StageAssignment, estimate, stage_time_ms
+from llmpq.costmodel.pipeline import PhaseTimes
+from llmpq.costmodel.simulator import simulate
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    exp = compose_experiment(["model=opt-30b", "cluster=paper-c3", "workload=s512-n100-b32"])
+    return build_context(exp, tmp_path_factory.mktemp("results"))
+
+
+def one_stage(ctx, bits=8):
+    return [StageAssignment("v100-32g", "n1", 0, 48, (bits,) * 48)]
+
+
+def two_stages():
+    return [StageAssignment("t4", "n0", 0, 20, (4,) * 20), StageAssignment("v100-32g", "n1", 20, 48, (8,) * 10 + (4,) * 18)]
+
+
+def test_one_stage_doubling_n_doubles_decode(ctx):
+    base = estimate(ctx, one_stage(ctx), 8, 8)
+    ctx2 = replace(ctx, workload=replace(ctx.workload, gen_len=2 * ctx.workload.gen_len))
+    double = estimate(ctx2, one_stage(ctx), 8, 8)
+    # n - 1 rounds: (2n - 1) / (n - 1) = 199 / 99 at equal per-round cost, plus the longer contexts
+    assert double.decode_s / base.decode_s == pytest.approx(2.0, rel=0.05)
+    assert double.prefill_s == base.prefill_s
+    assert base.comm_decode_ms == (0.0,)
+
+
+def test_one_stage_is_sequential(ctx):
+    """One stage, K_d micro-batches: every round costs K_d stage times; nothing overlaps."""
+    e = estimate(ctx, one_stage(ctx), 32, 8)
+    s, n = ctx.workload.prompt_len, ctx.workload.gen_len
+    rounds = [stage_time_ms(ctx, one_stage(ctx)[0], "decode", 8, s + k, first=True, last=True) for k in range(1, n)]
+    assert e.decode_s * 1e3 == pytest.approx(4 * math.fsum(rounds))
+    assert e.prefill_s * 1e3 == pytest.approx(stage_time_ms(ctx, one_stage(ctx)[0], "prefill", 32, s, first=True, last=True))
+
+
+def test_two_stages_match_manual_composition(ctx):
+    stages = two_stages()
+    b_p, b_d = 4, 16
+    w = ctx.workload
+    s, n, B = w.prompt_len, w.gen_len, w.batch
+    k_p, k_d = math.ceil(B / b_p), math.ceil(B / b_d)
+    inter = ctx.cluster.inter_node
+    # prefill: stage times, activations forward (b_p x s x hidden fp16), token ids back (b_p x 8)
+    tp = [stage_time_ms(ctx, stages[0], "prefill", b_p, s, first=True, last=False),
+          stage_time_ms(ctx, stages[1], "prefill", b_p, s, first=False, last=True)]
+    cp = [inter.latency_us / 1e3 + b_p * s * 7168 * 2 / (inter.bandwidth_gbps * 1e6),
+          inter.latency_us / 1e3 + b_p * 8 / (inter.bandwidth_gbps * 1e6)]
+    t_p = sum(tp) + sum(cp) + (k_p - 1) * max(tp + cp)
+    cd = [inter.latency_us / 1e3 + b_d * 7168 * 2 / (inter.bandwidth_gbps * 1e6),
+          inter.latency_us / 1e3 + b_d * 8 / (inter.bandwidth_gbps * 1e6)]
+
+    def td(k):
+        return [stage_time_ms(ctx, stages[0], "decode", b_d, s + k, first=True, last=False),
+                stage_time_ms(ctx, stages[1], "decode", b_d, s + k, first=False, last=True)]
+
+    cycles = sum(max(k_d * max(td(k) + cd), sum(td(k)) + sum(cd)) for k in range(1, n - 1))
+    t_d = cycles + sum(td(n - 1)) + sum(cd) + (k_d - 1) * max(td(n - 1) + cd)
+    e = estimate(ctx, stages, b_p, b_d)
+    assert e.prefill_s * 1e3 == pytest.approx(t_p, rel=1e-9)
+    assert e.decode_s * 1e3 == pytest.approx(t_d, rel=1e-9)
+    assert e.throughput_tok_s == pytest.approx(B * n / ((t_p + t_d) / 1e3), rel=1e-9)
+    assert e.comm_prefill_ms == pytest.approx(cp) and e.comm_decode_ms == pytest.approx(cd)
+    assert e.stage_decode_ms == pytest.approx(td(n // 2))
+    assert e.stage_prefill_ms == pytest.approx(tp)
+
+
+def test_two_stages_agree_with_event_simulation(ctx):
+    stages = two_stages()
+    e = estimate(ctx, stages, 8, 8)
+    s, n = ctx.workload.prompt_len, ctx.workload.gen_len
+    pre = PhaseTimes(e.stage_prefill_ms, e.comm_prefill_ms)
+    rounds = [PhaseTimes(tuple(stage_time_ms(ctx, st, "decode", 8, s + k, first=j == 0, last=j == 1)
+                               for j, st in enumerate(stages)), e.comm_decode_ms) for k in range(1, n)]
+    sim = simulate(pre, rounds, 4, 4)
+    assert (e.prefill_s + e.decode_s) * 1e3 == pytest.approx(sim.total_ms, rel=0.01)
+
+
+def test_memory_and_fits(ctx):
+    e = estimate(ctx, two_stages(), 8, 8)
+    assert len(e.memory) == 2
+    assert e.memory[0].embed_bytes > 0 and e.memory[0].head_bytes == 0
+    assert e.memory[1].head_bytes > 0 and e.memory[1].embed_bytes == 0
+    assert e.fits == all(m.fits for m in e.memory)
+    assert not estimate(ctx, [StageAssignment("t4", "n0", 0, 48, (16,) * 48)], 8, 8).fits
+    assert e.bottleneck_stage in (0, 1)
+
+
+def test_bad_plans_are_refused(ctx):
+    with pytest.raises(ValueError, match="contiguous"):
+        estimate(ctx, [StageAssignment("t4", "n0", 0, 20, (4,) * 20), StageAssignment("t4", "n0", 21, 48, (4,) * 27)], 8, 8)
+    with pytest.raises(ValueError, match="cover"):
+        estimate(ctx, [StageAssignment("t4", "n0", 0, 20, (4,) * 20)], 8, 8)
+    with pytest.raises(ValueError, match="no kernel"):
+        estimate(ctx, [StageAssignment("t4", "n0", 0, 48, (2,) * 48)], 8, 8)
+    with pytest.raises(ValueError):
+        StageAssignment("t4", "n0", 0, 2, (4,))
+
+
+def test_links_and_payloads(ctx):
+    c = ctx.cluster
+    assert link_between(c, "n0", "n0") == c.intra_node
+    assert link_between(c, "n0", "n1") == c.inter_node
+    measured = {"inter_node": Link(bandwidth_gbps=9.0, latency_us=1.0)}
+    assert link_between(c, "n1", "n0", measured) == measured["inter_node"]
+    with pytest.raises(ValueError):
+        link_between(c, "n0", "nowhere")
+    assert transfer_ms(Link(bandwidth_gbps=1.0, latency_us=50), 10**6) == pytest.approx(0.05 + 1.0)
+    assert hidden_bytes(ctx.shape, 4, 512, ctx.devices["t4"]) == 4 * 512 * 7168 * 2
+
+
+def test_fit_link_recovers_alpha_and_bandwidth():
+    link = Link(bandwidth_gbps=2.5, latency_us=80)
+    sizes = [4096, 65536, 1 << 20, 8 << 20]
+    fitted = fit_link(sizes, [transfer_ms(link, x) for x in sizes])
+    assert fitted.bandwidth_gbps == pytest.approx(2.5, rel=1e-6)
+    assert fitted.latency_us == pytest.approx(80, rel=1e-6)
+
+
+def test_context_reads_measured_links(tmp_path):
+    from llmpq import paths
+    from llmpq.artifacts import write_table
+
+    exp = compose_experiment(["model=opt-30b", "cluster=paper-c3", "workload=s512-n100-b32"])
+    rows = [{"cluster": "paper-c3", "link": "inter_node", "payload_bytes": x, "latency_ms": 0.1 + x / 5e6,
+             "repeats": 3} for x in (1000, 10**6, 10**7)]
+    write_table("links", rows, paths.links_path(tmp_path, "paper-c3"))
+    ctx = build_context(exp, Path(tmp_path))
+    assert ctx.links["inter_node"].bandwidth_gbps == pytest.approx(5.0)
+    assert ctx.latency.source("t4") == "roofline"
