@@ -37,7 +37,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "quant_manifest": pa.schema([
         ("layer", pa.int32()), ("bits", pa.int16()), ("scheme", pa.string()), ("group_size", pa.int32()),
         ("file", pa.string()), ("weight_bytes", pa.int64()), ("file_bytes", pa.int64()), ("sha256", pa.string()),
-        ("quant_error", pa.float64()), ("seconds", pa.float64()),
+        ("weight_rel_error", pa.float64()), ("seconds", pa.float64()),  # Σ‖W−Ŵ‖²/Σ‖W‖² over the layer's linears
     ]),
     # sensitivity: ω[i, b] of each indicator
     "sensitivity": pa.schema([

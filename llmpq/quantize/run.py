@@ -1,0 +1,192 @@
+"""`llmpq quantize bits=B`: every decoder layer of a model at B bits, as a per-layer store.
+
+One (scheme, bits) per call and per directory, so adding a bit-width never touches the others. Schemes:
+`gptq` (GPTQModel on the calibration windows, then the checkpoint is cut per layer), `rtn` (round to
+nearest, pure torch, no calibration). `bits=16` writes the unquantized layers in the same file format.
+Norms and other non-linear tensors always come from the original checkpoint, at its dtype.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import provenance
+from ..config import config_hash
+from ..models.shape import shape_from_config
+from ..models.source import model_dir as source_dir
+from ..paths import quant_dir
+from .calibration import CalibrationSpec, calibration_windows
+from .checkpoint import layer_tensors
+from .gptq import run_gptq
+from .gptq_layout import dequantize, pack_linear
+from .loader import load_quantized_layer
+from .rtn import rtn_dequantize, rtn_grid
+from .settings import FP_BITS, SCHEMES, LayerHeader, LinearQuant
+from .store import ManifestRow, layer_file, sha256_file, staged_dir, write_layer_file, write_manifest
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One store to build: `model_dir` at `bits` with `scheme`, written to `out_dir`."""
+
+    model_name: str
+    model_dir: Path
+    out_dir: Path
+    scheme: str
+    bits: int
+    group_size: int = 128
+    sym: bool = True
+    calibration: CalibrationSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.scheme!r} (known: {', '.join(SCHEMES)})")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+        if self.scheme == "gptq" and self.bits < FP_BITS and self.calibration is None:
+            raise ValueError("gptq needs a calibration spec")
+
+    def slice(self) -> dict[str, Any]:
+        """The settings this store depends on (its provenance hash)."""
+        calib = vars(self.calibration) if self.calibration and self.scheme == "gptq" and self.bits < FP_BITS else None
+        return {"model": self.model_name, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym, "calibration": calib}
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What a job wrote: the manifest rows and the wall time."""
+
+    out_dir: Path
+    rows: tuple[ManifestRow, ...]
+    seconds: float
+
+
+LayerSource = Callable[[int], tuple[dict[str, torch.Tensor], LayerHeader, float]]
+
+
+def _fp_source(job: QuantizeJob, model_type: str, linears: tuple[str, ...]) -> LayerSource:
+    def layer(index: int) -> tuple[dict[str, torch.Tensor], LayerHeader, float]:
+        start = time.perf_counter()
+        tensors = layer_tensors(job.model_dir, model_type, index)
+        header = LayerHeader(index, model_type, job.scheme, FP_BITS, {n: LinearQuant.fp() for n in linears})
+        return tensors, header, time.perf_counter() - start
+    return layer
+
+
+def _rtn_source(job: QuantizeJob, model_type: str, linears: tuple[str, ...]) -> LayerSource:
+    q = LinearQuant(bits=job.bits, group_size=job.group_size, sym=job.sym)
+
+    def layer(index: int) -> tuple[dict[str, torch.Tensor], LayerHeader, float]:
+        start = time.perf_counter()
+        tensors = layer_tensors(job.model_dir, model_type, index)
+        for name in linears:
+            weight, bias = tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.bias", None)
+            grid = rtn_grid(weight, job.bits, job.group_size, job.sym)
+            packed = pack_linear(rtn_dequantize(weight, grid, job.bits), bias, grid, q)
+            tensors.update({f"{name}.{k}": v for k, v in packed.items()})
+        header = LayerHeader(index, model_type, job.scheme, job.bits, {n: q for n in linears})
+        return tensors, header, time.perf_counter() - start
+    return layer
+
+
+def _gptq_source(job: QuantizeJob, model_type: str, linears: tuple[str, ...], workdir: Path,
+                 max_positions: int, num_layers: int) -> LayerSource:
+    from transformers import AutoTokenizer
+
+    assert job.calibration is not None
+    windows = calibration_windows(AutoTokenizer.from_pretrained(str(job.model_dir)), job.calibration, max_positions)
+    run = run_gptq(job.model_dir, workdir, job.bits, job.group_size, windows, sym=job.sym)
+    overhead = (run.seconds - sum(run.solve_seconds.values())) / num_layers
+
+    def layer(index: int) -> tuple[dict[str, torch.Tensor], LayerHeader, float]:
+        tensors = layer_tensors(job.model_dir, model_type, index)
+        quantized = layer_tensors(run.checkpoint, model_type, index)
+        for name in linears:
+            if f"{name}.qweight" not in quantized:
+                raise ValueError(f"{run.checkpoint}: GPTQModel left layer {index}'s {name} unquantized")
+            tensors.pop(f"{name}.weight")
+            tensors.pop(f"{name}.bias", None)
+            tensors.update({k: v for k, v in quantized.items() if k.startswith(f"{name}.")})
+        header = LayerHeader(index, model_type, job.scheme, job.bits, {n: run.settings for n in linears})
+        return tensors, header, run.solve_seconds.get(index, 0.0) + overhead
+    return layer
+
+
+def weight_rel_error(config: Any, path: Path, index: int, original: Mapping[str, torch.Tensor],
+                     linears: tuple[str, ...]) -> float:
+    """Σ‖W − Ŵ‖² / Σ‖W‖² over the linears of the layer stored in `path` (Ŵ as the loader rebuilds it)."""
+    layer = load_quantized_layer(config, path, index, verify=False)
+    num = den = 0.0
+    for name in linears:
+        module = layer.get_submodule(name)
+        w = original[f"{name}.weight"].float()
+        w_hat = dequantize(module) if hasattr(module, "qweight") else module.weight.float()
+        num += float((w - w_hat).pow(2).sum())
+        den += float(w.pow(2).sum())
+    return num / den if den else 0.0
+
+
+def quantize_store(job: QuantizeJob, progress: bool = True) -> QuantizeReport:
+    """Build the store of `job` atomically: layer files, then `manifest.parquet`."""
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(str(job.model_dir))
+    shape = shape_from_config(config)
+    linears = tuple(l.name for l in shape.layer.linears)
+    rows = []
+    with staged_dir(job.out_dir) as stage, tempfile.TemporaryDirectory(dir=stage, prefix=".gptq-") as work:
+        if job.bits == FP_BITS:
+            source = _fp_source(job, config.model_type, linears)
+        elif job.scheme == "rtn":
+            source = _rtn_source(job, config.model_type, linears)
+        else:
+            source = _gptq_source(job, config.model_type, linears, Path(work), shape.max_positions, shape.num_layers)
+        for index in tqdm(range(shape.num_layers), desc=f"{job.scheme}-w{job.bits} layers", disable=not progress):
+            tensors, header, seconds = source(index)
+            path = layer_file(stage, index)
+            weight_bytes = write_layer_file(path, tensors, header)
+            error = 0.0 if job.bits == FP_BITS else weight_rel_error(
+                config, path, index, layer_tensors(job.model_dir, config.model_type, index), linears)
+            rows.append(ManifestRow(index, job.bits, job.scheme, job.group_size if job.bits < FP_BITS else -1,
+                                    path.name, weight_bytes, path.stat().st_size, sha256_file(path), error, seconds))
+        total = time.perf_counter() - start
+        meta = provenance(config_hash(job.slice()), device="cpu", job=job.slice(),
+                          total_seconds=f"{total:.3f}")
+        write_manifest(stage, rows, meta)
+    return QuantizeReport(job.out_dir, tuple(rows), time.perf_counter() - start)
+
+
+def job_from_experiment(exp: Any, bits: int, results: Path, out: Path | None = None) -> QuantizeJob:
+    """The quantize job of an experiment's model at `bits` (the model's `source` must hold weights)."""
+    model = exp.model
+    weights = source_dir(model)
+    if weights is None:
+        raise FileNotFoundError(f"model {model.name}: source {model.source!r} is not a local directory with weights")
+    return QuantizeJob(
+        model_name=model.name, model_dir=weights, scheme=model.quant.scheme, bits=bits,
+        out_dir=Path(out) if out else quant_dir(results, model.name, model.quant.scheme, bits),
+        group_size=model.quant.group_size, calibration=CalibrationSpec.from_raw(exp.raw["calibration"]),
+    )
+
+
+def cli_quantize(exp: Any, args: Any) -> int:
+    """`llmpq quantize model=M bits=B [out=DIR]`: write the per-layer store of M at B bits."""
+    if args.bits is None:
+        raise ValueError(f"quantize needs bits=B (the model's bit-widths: {list(exp.model.bits)})")
+    job = job_from_experiment(exp, args.bits, args.results, args.out)
+    report = quantize_store(job)
+    errors = ", ".join(f"{r.weight_rel_error:.2e}" for r in report.rows)
+    print(f"{job.out_dir}: {len(report.rows)} layers, {job.scheme} {job.bits}-bit, {report.seconds:.1f} s; "
+          f"weight relative error per layer: {errors}")
+    return 0

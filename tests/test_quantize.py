@@ -1,0 +1,165 @@
+"""Per-layer quantized store: file format, RTN, GPTQ cut, loader round trips, sha256 verification."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmpq.quantize import LayerFileError, load_mixed_model, load_quantized_layer, read_manifest
+from llmpq.quantize.calibration import CalibrationSpec, calibration_windows
+from llmpq.quantize.rtn import rtn_dequantize, rtn_grid
+from llmpq.quantize.run import QuantizeJob, quantize_store
+from llmpq.quantize.settings import LayerHeader, LinearQuant
+from llmpq.quantize.store import layer_file, staged_dir
+
+
+@pytest.fixture(scope="module")
+def small_opt(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer OPT (no tokenizer): enough for file-format tests."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0)
+    out = tmp_path_factory.mktemp("small-opt")
+    OPTForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _job(model_dir: Path, root: Path, scheme: str, bits: int, group_size: int = 32) -> QuantizeJob:
+    return QuantizeJob("small-opt", model_dir, root / f"{scheme}-w{bits}", scheme, bits, group_size,
+                       calibration=CalibrationSpec("pydoc", 4, 32))
+
+
+def _hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def _layer_input(model, batch: int = 2, seq: int = 16) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(batch, seq, model.config.hidden_size)
+
+
+def test_header_round_trips_through_metadata():
+    header = LayerHeader(3, "opt", "gptq", 4, {"fc1": LinearQuant(4, 128), "fc2": LinearQuant.fp()})
+    assert LayerHeader.from_metadata(header.to_metadata(), "x") == header
+    with pytest.raises(ValueError, match="not an llmpq layer file"):
+        LayerHeader.from_metadata({}, "some/file.safetensors")
+    with pytest.raises(ValueError, match="does not go with"):
+        LinearQuant(16, format="gptq")
+
+
+def test_rtn_grid_is_gptq_symmetric_grid():
+    weight = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.1, 0.2, -0.3, 0.3]])
+    grid = rtn_grid(weight, bits=4, group_size=2)
+    assert grid.g_idx.tolist() == [0, 0, 1, 1]
+    assert torch.allclose(grid.scales[0], torch.tensor([2 * 1.0 / 15, 2 * 0.25 / 15]).half().float())
+    assert grid.zeros.unique().tolist() == [8]
+    w_hat = rtn_dequantize(weight, grid, 4)
+    assert (w_hat - weight).abs().max() <= grid.scales.max() * 0.51  # the top of the grid is half a step short
+
+
+def test_fp_store_round_trip_and_manifest(small_opt, tmp_path):
+    report = quantize_store(_job(small_opt, tmp_path, "gptq", 16), progress=False)
+    manifest = read_manifest(report.out_dir)
+    assert sorted(manifest) == [0, 1] and all(r.weight_rel_error == 0 for r in manifest.values())
+    assert sorted(p.name for p in report.out_dir.iterdir()) == ["layer_0.safetensors", "layer_1.safetensors", "manifest.parquet"]
+    model = _hf_model(small_opt)
+    x = _layer_input(model)
+    for i, original in enumerate(model.model.decoder.layers):
+        layer = load_quantized_layer(model.config, report.out_dir, i)
+        assert isinstance(layer.fc1, torch.nn.Linear)
+        with torch.no_grad():
+            assert torch.equal(layer(x)[0] if isinstance(layer(x), tuple) else layer(x),
+                               original(x)[0] if isinstance(original(x), tuple) else original(x))
+
+
+def test_corrupted_layer_file_is_named(small_opt, tmp_path):
+    report = quantize_store(_job(small_opt, tmp_path, "rtn", 16), progress=False)
+    path = layer_file(report.out_dir, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    model = _hf_model(small_opt)
+    load_quantized_layer(model.config, report.out_dir, 0)
+    with pytest.raises(LayerFileError, match=r"layer_1\.safetensors: corrupted layer file"):
+        load_quantized_layer(model.config, report.out_dir, 1)
+    with pytest.raises(LayerFileError, match=r"layer_1\.safetensors"):
+        load_mixed_model(small_opt, tmp_path, [16, 16], scheme="rtn")
+    with pytest.raises(LayerFileError, match="holds layer 0, not layer 1"):
+        load_quantized_layer(model.config, layer_file(report.out_dir, 0), 1, verify=False)
+
+
+def test_staged_dir_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "gptq-w4"
+    with pytest.raises(RuntimeError):
+        with staged_dir(final) as stage:
+            (stage / "layer_0.safetensors").write_text("partial")
+            raise RuntimeError("crash")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    final.mkdir()
+    (final / "old").write_text("old")
+    with staged_dir(final) as stage:
+        (stage / "new").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new"] and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_rtn_file_round_trip_matches_in_memory_quantized_layer(small_opt, tmp_path, bits):
+    report = quantize_store(_job(small_opt, tmp_path, "rtn", bits), progress=False)
+    model = _hf_model(small_opt)
+    x = _layer_input(model)
+    for i, original in enumerate(model.model.decoder.layers):
+        expected = copy.deepcopy(original)
+        with torch.no_grad():
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
+                linear = expected.get_submodule(name)
+                linear.weight.copy_(rtn_dequantize(linear.weight, rtn_grid(linear.weight, bits, 32), bits))
+                linear.bias.copy_(linear.bias.half().float())  # the GPTQ layout stores biases in fp16
+            layer = load_quantized_layer(model.config, report.out_dir, i)
+            assert type(layer.fc1).__name__ == "TorchLinear"
+            got, want = layer(x), expected(x)
+            got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    sizes = {r.weight_bytes for r in read_manifest(report.out_dir).values()}
+    assert len(sizes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_store_matches_gptqmodel_checkpoint(small_opt, tmp_path, bits):
+    """Layer files rebuild GPTQModel's own modules bit for bit, and GPTQ on CPU is deterministic."""
+    from transformers import AutoTokenizer
+
+    from llmpq.data.text import split_documents
+    from llmpq.models.tiny import train_tokenizer
+    from llmpq.quantize.gptq import run_gptq
+    from llmpq.quantize.gptq_layout import gptqmodel
+
+    model_dir = tmp_path / "model"
+    _hf_model(small_opt).save_pretrained(model_dir)
+    train_tokenizer([d.text for d in split_documents("pydoc", "train")], 256, 64).save_pretrained(model_dir)
+    first = quantize_store(_job(model_dir, tmp_path / "a", "gptq", bits), progress=False)
+    second = quantize_store(_job(model_dir, tmp_path / "b", "gptq", bits), progress=False)
+    assert [r.sha256 for r in first.rows] == [r.sha256 for r in second.rows]
+    windows = calibration_windows(AutoTokenizer.from_pretrained(str(model_dir)), CalibrationSpec("pydoc", 4, 32))
+    run = run_gptq(model_dir, tmp_path / "gptq-work", bits, 32, windows)
+    lib = gptqmodel()
+    reference = lib.GPTQModel.load(str(run.checkpoint), device="cpu", backend=lib.BACKEND.TORCH).model
+    x = _layer_input(reference).to(torch.bfloat16)
+    for i, theirs in enumerate(reference.model.decoder.layers):
+        ours = load_quantized_layer(reference.config, first.out_dir, i, dtype=torch.bfloat16)
+        for name in ("self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"):
+            a, b = ours.get_submodule(name), theirs.get_submodule(name)
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.qzeros, b.qzeros)
+            assert torch.equal(a.dequantize_weight(), b.dequantize_weight())
+        with torch.no_grad():
+            got, want = ours(x), theirs(x)
+            got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        assert torch.equal(got, want)
