@@ -1,0 +1,153 @@
+"""Baselines, built by their own rules and scored by the same cost model as `llmpq`.
+
+All use every device of the cluster and b_p = b_d = ⌈B/N⌉ (N devices).
+
+- `pipeedge`: uniform bits, the highest that fits; over every distinct order of the devices, the
+  contiguous partition minimising the bottleneck stage's busy time (`heuristic.busy_tables`), exact
+  by `partition.min_max_counts`; the best order wins (ties: the first).
+- `uniform`: the cluster's file order (other orders only if nothing fits in it), an even split of the
+  layers, the highest uniform bits that fit.
+- `adabits`: the least Σω that fits memory (a MILP with objective Σω), then, at that Σω, the fastest
+  such plan by the surrogate; over the first `ADABITS_ORDERS` distinct orders of the devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .candidate import Candidate
+from .errors import MemoryInfeasible
+from .heuristic import busy_tables
+from .milp import MilpOptions, solve_branch
+from .orders import full_orders
+from .partition import even_counts, min_max_counts
+from .quality import OmegaTable
+from .search import SearchSettings
+from .tables import Assignment, CostCache, ProblemTables, Slot, build_tables, surrogate_ms, to_stages, violations
+
+BASELINES = ("pipeedge", "uniform", "adabits")
+ADABITS_ORDERS = 24
+
+
+@dataclass(frozen=True)
+class BaselinePlan:
+    """A baseline's plan with the status of its own construction (`optimal` where it solves its rule exactly)."""
+
+    candidate: Candidate
+    status: str
+    gap: float | None
+
+
+def baseline_micro_batch(batch: int, devices: int) -> int:
+    """b_p = b_d = ⌈B/N⌉."""
+    return -(-batch // devices)
+
+
+def _tables(cache: CostCache, slots: tuple[Slot, ...], b: int, omega: OmegaTable, settings: SearchSettings,
+            budget: float = math.inf) -> ProblemTables:
+    return build_tables(cache, slots, b, b, omega, budget=budget, theta=settings.theta,
+                        decode_points=settings.decode_points)
+
+
+def _candidate(tb: ProblemTables, a: Assignment) -> Candidate:
+    return Candidate(tb.slots, tb.b_p, tb.b_d, to_stages(tb, a), "baseline", surrogate_ms(tb, a))
+
+
+def _uniform_assignment(counts: tuple[int, ...], column: int) -> Assignment:
+    stage = tuple(j for j, n in enumerate(counts) for _ in range(n))
+    return Assignment(stage, (column,) * len(stage))
+
+
+def _layer_caps(tb: ProblemTables, column: int) -> np.ndarray:
+    return np.floor((tb.capacity - tb.fixed_mem) / tb.mem_bytes[0, :, column]).astype(int)
+
+
+def common_bits(tb: ProblemTables) -> list[int]:
+    """Columns every stage's device supports, highest bits first."""
+    return sorted((c for c in range(tb.n_bits) if tb.allowed[:, c].all()), key=lambda c: -tb.bits[c])
+
+
+def _no_fit(cache: CostCache, method: str) -> MemoryInfeasible:
+    from .feasibility import memory_message
+
+    return MemoryInfeasible(f"{method}: {memory_message(cache)}")
+
+
+def pipeedge(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
+    """PipeEdge-style plan (module docstring)."""
+    cluster, layers = cache.ctx.cluster, omega.num_layers
+    b = baseline_micro_batch(cache.ctx.workload.batch, len(cluster.device_slots()))
+    orders = full_orders(cluster)
+    tables = [_tables(cache, o, b, omega, settings) for o in orders]
+    for bits in sorted(omega.bits, reverse=True):
+        best: tuple[float, int, tuple[int, ...]] | None = None
+        for index, tb in enumerate(tables):
+            if len(tb.slots) > layers or bits not in [tb.bits[c] for c in common_bits(tb)]:
+                continue
+            c = tb.bits.index(bits)
+            fixed, per = busy_tables(tb)
+            counts = min_max_counts(fixed, per[:, c], _layer_caps(tb, c), layers)
+            if counts is None:
+                continue
+            value = float((fixed + np.asarray(counts) * per[:, c]).max())
+            if best is None or value < best[0]:
+                best = (value, index, counts)
+        if best is not None:
+            tb = tables[best[1]]
+            return BaselinePlan(_candidate(tb, _uniform_assignment(best[2], tb.bits.index(bits))), "optimal", 0.0)
+    raise _no_fit(cache, "pipeedge")
+
+
+def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
+    """Even split, highest uniform bits that fit (module docstring)."""
+    cluster, layers = cache.ctx.cluster, omega.num_layers
+    b = baseline_micro_batch(cache.ctx.workload.batch, len(cluster.device_slots()))
+    for slots in full_orders(cluster):
+        if len(slots) > layers:
+            break
+        tb = _tables(cache, slots, b, omega, settings)
+        counts = even_counts(layers, len(slots))
+        for c in common_bits(tb):
+            a = _uniform_assignment(counts, c)
+            if not violations(tb, a):
+                return BaselinePlan(_candidate(tb, a), "optimal", 0.0)
+    raise _no_fit(cache, "uniform")
+
+
+def adabits(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
+    """Least Σω under memory only, then the fastest plan at that Σω (module docstring)."""
+    cluster, layers = cache.ctx.cluster, omega.num_layers
+    b = baseline_micro_batch(cache.ctx.workload.batch, len(cluster.device_slots()))
+    options = MilpOptions(backend=settings.backend, time_limit_s=settings.time_limit_s,
+                          node_limit=settings.node_limit, rel_gap=1e-9)
+    best: tuple[float, ProblemTables, str] | None = None
+    for slots in full_orders(cluster)[:ADABITS_ORDERS]:
+        if len(slots) > layers:
+            break
+        tb = _tables(cache, slots, b, omega, settings)
+        result = solve_branch(tb, options, objective="omega")
+        if result.assignment is not None and (best is None or result.objective < best[0] - 1e-15):
+            best = (float(result.objective), tb, result.status)
+    if best is None:
+        raise _no_fit(cache, "adabits")
+    omega_star, tb, status = best
+    budget = omega_star * (1 + 1e-9) + 1e-15
+    tb = _tables(cache, tb.slots, b, omega, settings, budget=budget)
+    fast = solve_branch(tb, MilpOptions(backend=settings.backend, time_limit_s=settings.time_limit_s,
+                                        node_limit=settings.node_limit, rel_gap=settings.rel_gap))
+    if fast.assignment is None:
+        raise RuntimeError("adabits: the least-Σω plan vanished when minimising time at that Σω")
+    status = "optimal" if status == "optimal" and fast.status == "optimal" else "feasible"
+    return BaselinePlan(_candidate(tb, fast.assignment), status, 0.0 if status == "optimal" else None)
+
+
+def run_baseline(method: str, cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
+    """Dispatch by method name."""
+    makers = {"pipeedge": pipeedge, "uniform": uniform, "adabits": adabits}
+    if method not in makers:
+        raise ValueError(f"unknown baseline {method!r} (known: {', '.join(BASELINES)})")
+    return makers[method](cache, omega, settings)
+

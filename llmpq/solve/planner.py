@@ -1,0 +1,176 @@
+"""Solve one experiment with its configured method and turn the winner into a Plan.
+
+`llmpq`: the branch search (`search`, which also seeds itself with a heuristic plan), seeded with the
+`budget_from` baseline's plan (Ω = its Σω; the plan is also a candidate); every candidate is re-scored exactly by
+`costmodel.estimate` and the highest predicted throughput wins (ties: MILP before heuristic before
+baseline, then a fixed order). `pipeedge`, `uniform`, `adabits`: their rules (`baselines`).
+`heuristic`: the heuristic on the best-bounded branches. The whole solve, baselines included, shares
+`solver.time_limit_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmpq.config import Experiment
+from llmpq.costmodel.context import CostContext, build_context
+from llmpq.costmodel.estimate import Estimate, estimate
+
+from .baselines import BASELINES, run_baseline
+from .candidate import Candidate
+from .errors import BudgetInfeasible, MemoryInfeasible
+from .feasibility import budget_message, least_omega, memory_message
+from .heuristic import heuristic_candidates
+from .plan import Plan, StageMemoryPlan, StagePlan
+from .quality import Budget, OmegaTable, budget_from_spec, load_omega, load_ppl_map_if_any, ppl_increase
+from .search import SearchSettings, search
+from .tables import CostCache
+
+METHODS = ("llmpq", "heuristic") + BASELINES
+HEURISTIC_BRANCHES = 6
+OMEGA_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Scored:
+    candidate: Candidate
+    estimate: Estimate
+    omega: float
+
+
+@dataclass
+class SolveOutcome:
+    """The plan, its exact estimate, and the run's sidecar data (timings, counters: not part of the plan)."""
+
+    plan: Plan
+    estimate: Estimate
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def settings_of(exp: Experiment) -> SearchSettings:
+    s = exp.solver
+    return SearchSettings(backend=s.backend, time_limit_s=float(s.time_limit_s), decode_points=int(s.decode_points),
+                          theta=float(s.theta))
+
+
+def _score(ctx: CostContext, omega: OmegaTable, c: Candidate) -> Scored:
+    return Scored(c, estimate(ctx, c.stages, c.b_p, c.b_d), omega.total(c.bits))
+
+
+def _best(scored: list[Scored], budget: float) -> Scored | None:
+    ok = [s for s in scored if s.estimate.fits and s.omega <= budget * (1 + OMEGA_TOL) + OMEGA_TOL]
+    if not ok:
+        return None
+    return min(ok, key=lambda s: (-s.estimate.throughput_tok_s, s.candidate.key()))
+
+
+def _budget(exp: Experiment, cache: CostCache, omega: OmegaTable, ppl_map: Any,
+            settings: SearchSettings, deadline: float) -> tuple[Budget, Candidate | None]:
+    """Ω from the solver config; for budget_from, also that method's plan (a candidate of llmpq)."""
+    source = exp.solver.budget_from
+    if source is None:
+        return budget_from_spec(exp.solver, omega, ppl_map), None
+    if source == "llmpq":
+        raise ValueError(f"solver/{exp.solver.name}.yaml: budget_from: llmpq would measure a plan by itself")
+    if source == "heuristic":
+        found = heuristic_candidates(cache, omega, math.inf, settings, HEURISTIC_BRANCHES, deadline)
+        if not found:
+            raise MemoryInfeasible(memory_message(cache))
+        ctx = cache.ctx
+        plan = _best([_score(ctx, omega, c) for c in found], math.inf).candidate
+    else:
+        plan = run_baseline(source, cache, omega, settings).candidate
+    return budget_from_spec(exp.solver, omega, ppl_map, omega.total(plan.bits)), plan
+
+
+def _budget_error(cache: CostCache, omega: OmegaTable, settings: SearchSettings,
+                  budget: Budget) -> BudgetInfeasible | MemoryInfeasible:
+    least = least_omega(cache, omega, settings)
+    if least is None:
+        return MemoryInfeasible(memory_message(cache))
+    return BudgetInfeasible(budget_message(budget.omega, budget.source, *least))
+
+
+def solve_candidates(exp: Experiment, cache: CostCache, omega: OmegaTable, ppl_map: Any,
+                     settings: SearchSettings,
+                     deadline: float) -> tuple[list[Candidate], str, float | None, Budget, dict]:
+    """Candidates of the configured method, with its status, gap, budget and counters."""
+    method = exp.solver.method
+    if method in BASELINES:
+        if exp.solver.budget_from or exp.solver.max_omega is not None or exp.solver.max_ppl_increase is not None:
+            raise ValueError(f"solver/{exp.solver.name}.yaml: the {method} baseline takes no quality budget")
+        made = run_baseline(method, cache, omega, settings)
+        return [made.candidate], made.status, made.gap, Budget(math.inf, "none"), {}
+    budget, seed = _budget(exp, cache, omega, ppl_map, settings, deadline)
+    if method == "heuristic":
+        found = heuristic_candidates(cache, omega, budget.omega, settings, HEURISTIC_BRANCHES, deadline)
+        if not found:
+            if budget.bounded:
+                raise _budget_error(cache, omega, settings, budget)
+            raise MemoryInfeasible(memory_message(cache))
+        return found, "feasible", None, budget, {}
+    if method != "llmpq":
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    seeds = [seed] if seed is not None else []
+    result = search(cache.ctx, omega, budget.omega, settings, seeds, deadline, cache)
+    found = result.candidates + seeds
+    if not found:
+        if not result.memory_feasible:
+            raise MemoryInfeasible(memory_message(cache))
+        if budget.bounded:
+            raise _budget_error(cache, omega, settings, budget)
+        raise MemoryInfeasible(memory_message(cache))
+    return found, result.status, result.gap, budget, dict(result.stats)
+
+
+def solve(exp: Experiment, results: Path, *, ctx: CostContext | None = None, omega: OmegaTable | None = None,
+          ppl_map: Any = None, indicator: str | None = None) -> SolveOutcome:
+    """Plan the experiment (module docstring). `ctx`, `omega`, `ppl_map` default to what `results` holds:
+    profiles and measured links, the sensitivity table (else the shape-only proxy), the ppl_map."""
+    started = time.monotonic()
+    settings = settings_of(exp)
+    deadline = started + settings.time_limit_s
+    ctx = ctx or build_context(exp, Path(results))
+    if ppl_map is None:
+        ppl_map = load_ppl_map_if_any(Path(results), exp.model.name)
+    bits = tuple(sorted(exp.model.bits, reverse=True))
+    if omega is None:
+        wanted = indicator or (getattr(ppl_map, "indicator", None) if ppl_map is not None else None)
+        omega = load_omega(Path(results), exp.model.name, ctx.shape, bits, wanted)
+    if omega.num_layers != ctx.shape.num_layers:
+        raise ValueError(f"ω table has {omega.num_layers} layers, model {exp.model.name} has {ctx.shape.num_layers}")
+    cache = CostCache(ctx)
+    found, status, gap, budget, stats = solve_candidates(exp, cache, omega, ppl_map, settings, deadline)
+    best = _best([_score(ctx, omega, c) for c in found], budget.omega)
+    if best is None:
+        raise RuntimeError("no candidate plan fits memory and the budget under the exact cost model")
+    plan = to_plan(exp, ctx, omega, ppl_map, best, status, gap, budget)
+    meta = {"solve_s": time.monotonic() - started, "candidates": len(found), "budget_source": budget.source,
+            "omega_indicator": omega.indicator, **stats}
+    return SolveOutcome(plan, best.estimate, meta)
+
+
+def to_plan(exp: Experiment, ctx: CostContext, omega: OmegaTable, ppl_map: Any, best: Scored, status: str,
+            gap: float | None, budget: Budget) -> Plan:
+    """The Plan of the winning candidate."""
+    c, e = best.candidate, best.estimate
+    stages = tuple(StagePlan(
+        device=s.device, node=s.node, start=s.start, end=s.end, bits=s.bits,
+        memory=StageMemoryPlan(m.weights_bytes, m.kv_bytes, m.activations_bytes, m.embed_bytes, m.head_bytes,
+                               m.buffers_bytes, m.reserve_bytes, m.capacity_bytes),
+        prefill_ms=e.stage_prefill_ms[j], decode_ms=e.stage_decode_ms[j],
+    ) for j, (s, m) in enumerate(zip(c.stages, e.memory)))
+    profiled = all(ctx.latency.source(s.device) == "profile" for s in c.stages)
+    return Plan(
+        method=exp.solver.name, model=exp.model.name, cluster=exp.cluster.name, workload=exp.workload.name,
+        quant_scheme=exp.model.quant.scheme, quant_group_size=exp.model.quant.group_size,
+        micro_batch_prefill=c.b_p, micro_batch_decode=c.b_d, stages=stages,
+        prefill_s=e.prefill_s, decode_s=e.decode_s, throughput_tok_s=e.throughput_tok_s,
+        bottleneck_stage=e.bottleneck_stage, omega=best.omega, ppl_increase=ppl_increase(ppl_map, omega, best.omega),
+        budget=budget.omega if budget.bounded else None,
+        latency_source="profile" if profiled else "roofline", omega_source=omega.source,
+        status=status, objective=c.surrogate_ms, gap=gap, plan_source=c.source)

@@ -1,0 +1,272 @@
+"""The outer search of `llmpq`: device orders × micro-batch pairs, pruned by a cheap bound, one MILP per branch.
+
+1. Every branch (order, b_p, b_d) — orders from `orders.device_orders`, sizes from
+   `bounds.micro_batch_sizes` (b_p = 1 and b_d < B/N included) — gets a lower bound from `bounds`:
+   first each order's cheap bound, then, when the order comes up, its pairs' full bounds
+   (`BranchQueue`); memory-infeasible branches drop out.
+2. Branches are visited in ascending bound (ties: order, then sizes). A branch whose bound is not below
+   the incumbent's surrogate × (1 + slack) is pruned, and so are all after it. Otherwise, the first time
+   it comes up, the LP relaxation of its count model (`milp.count_lp_bound`, a few ms) raises its bound
+   and it goes back into the queue (or is pruned); the second time its MILP runs with that value as a
+   cutoff; every solution is kept as a candidate. The slack keeps near-optimal plans of other branches
+   for the exact re-scoring, which may rank them first.
+3. The work limit (`max_milps` MILPs of at most `node_limit` nodes each) makes the result deterministic;
+   the wall-clock deadline is a safety net (status `timeout`, and the plan may then depend on the machine).
+
+Status: `optimal` when every branch was solved or pruned (the gap is then within the MILP tolerance),
+`feasible` when the work limit stopped the search, `timeout` when the deadline did. The gap is
+(incumbent − best bound)/incumbent, the best bound being the least of the unexplored branches' bounds
+and the explored branches' MILP bounds.
+
+Per-item models with many items (ω that differs by layer, large L·N·|bits|) group consecutive layers
+(`tables.grouped_items`) so that G·N·|bits| ≤ `item_cells`. A grouped branch contributes its per-layer
+bound (cheap bound and LP screen), not its MILP's bound, so the gap stays a per-layer gap, and the status
+is `optimal` only when that gap is within tolerance.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from llmpq.costmodel.context import CostContext
+from llmpq.costmodel.pipeline import surrogate_cycle_weights, surrogate_points
+
+from .bounds import StemArrays, order_bounds
+from .candidate import Candidate
+from .heuristic import heuristic_assignment
+from .milp import MilpOptions, count_lp_bound, solve_branch
+from .orders import device_orders
+from .quality import OmegaTable
+from .tables import (CostCache, ProblemTables, Slot, build_tables, default_items, grouped_items, surrogate_ms,
+                     to_stages)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Limits and tolerances of the search."""
+
+    backend: str = "highs"
+    time_limit_s: float = 10.0
+    decode_points: int = 3
+    theta: float = 0.0
+    rel_gap: float = 1e-4
+    candidate_slack: float = 0.003
+    max_milps: int = 250
+    node_limit: int = 2000
+    item_cells: int = 600
+    screen: bool = True          # LP relaxation of the count model before each branch's MILP
+    heuristic_seed: bool = True  # the heuristic's plan of the first branch visited as a first incumbent
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch with its best known lower bound; `screened` once its LP relaxation is part of the bound."""
+
+    bound: float
+    order_index: int
+    slots: tuple[Slot, ...]
+    b_p: int
+    b_d: int
+    screened: bool = False
+
+    def key(self) -> tuple:
+        return (self.bound, self.order_index, self.b_p, self.b_d)
+
+
+@dataclass
+class SearchResult:
+    """What the search found: candidates (MILP solutions), status, surrogate incumbent, best bound, counters."""
+
+    candidates: list[Candidate]
+    status: str
+    incumbent: float
+    bound: float
+    memory_feasible: bool
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        if not math.isfinite(self.incumbent) or self.incumbent <= 0:
+            return None
+        return max(0.0, (self.incumbent - min(self.bound, self.incumbent)) / self.incumbent)
+
+
+def branch_items(tb_layers: int, omega: OmegaTable, stages: int, cells: int) -> tuple[tuple[int, int], ...]:
+    """Per-layer items, or groups of consecutive layers when the per-item model would be too large."""
+    uniform = bool(np.all(omega.values == omega.values[0]))
+    size = len(omega.bits) * stages * tb_layers
+    if uniform or size <= cells:
+        return default_items(tb_layers)
+    return grouped_items(tb_layers, math.ceil(size / cells))
+
+
+class BranchQueue:
+    """Branches in ascending bound, with each order's full bounds computed only when the order comes up.
+
+    Every order first enters with its cheap bound (`bounds.order_bounds(full=False)`, the least over its
+    micro-batch pairs); when it is popped, its pairs enter with their full bounds (never below the cheap
+    one). Ties break by order index, then sizes, so the visiting order is deterministic.
+    """
+
+    def __init__(self, cache: CostCache, omega: OmegaTable, budget: float, settings: SearchSettings):
+        ctx = cache.ctx
+        w = ctx.workload
+        self.layers = ctx.shape.num_layers
+        self.points = surrogate_points(w.gen_len, settings.decode_points) if w.gen_len > 1 else ()
+        weights = dict(surrogate_cycle_weights(w.gen_len, settings.decode_points)) if self.points else {}
+        self.cycle_w = [weights.get(k, 0.0) for k in self.points]
+        self.omega_min, self.budget = omega.values.min(axis=0), budget
+        self.arrays = StemArrays(cache, omega.bits, self.points)
+        self.orders = device_orders(ctx.cluster, self.layers)
+        self.memory_feasible = False
+        self.expanded = 0
+        self.heap: list[tuple] = []
+        self.cheap: dict[int, object] = {}
+        for index, slots in enumerate(self.orders):
+            pb = order_bounds(self.arrays, slots, self.layers, self.cycle_w, full=False)
+            self.cheap[index] = pb
+            self.memory_feasible = self.memory_feasible or bool((pb.max_layers > 0).any())
+            low = float(pb.lower.min())
+            if math.isfinite(low):
+                heapq.heappush(self.heap, (low, index, 0, 0, 0))
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def peek_bound(self) -> float:
+        return self.heap[0][0] if self.heap else math.inf
+
+    def pop(self, threshold: float = math.inf) -> Branch | None:
+        """The next branch (expanding orders on the way), or None when none is left. Pairs whose cheap bound is
+        not below `threshold` (they can never be needed) are dropped when their order is expanded."""
+        while self.heap:
+            bound, index, kind, b_p, b_d = heapq.heappop(self.heap)
+            slots = self.orders[index]
+            if kind:
+                return Branch(bound, index, slots, b_p, b_d, screened=kind == 2)
+            self.expanded += 1
+            cheap = self.cheap.pop(index)
+            full = order_bounds(self.arrays, slots, self.layers, self.cycle_w, self.omega_min, self.budget,
+                                pairs=cheap.lower < threshold)
+            for i, bp in enumerate(full.prefill_sizes):
+                for k, bd in enumerate(full.decode_sizes):
+                    value = max(float(full.lower[i, k]), float(cheap.lower[i, k]), bound)
+                    if math.isfinite(value):
+                        heapq.heappush(self.heap, (value, index, 1, bp, bd))
+        return None
+
+    def push(self, br: Branch) -> None:
+        heapq.heappush(self.heap, (br.bound, br.order_index, 2 if br.screened else 1, br.b_p, br.b_d))
+
+
+def enumerate_branches(cache: CostCache, omega: OmegaTable, budget: float,
+                       settings: SearchSettings, limit: int | None = None) -> tuple[list[Branch], bool]:
+    """The first `limit` branches in ascending full bound (all when None), and whether any order fits memory."""
+    queue = BranchQueue(cache, omega, budget, settings)
+    out: list[Branch] = []
+    while limit is None or len(out) < limit:
+        br = queue.pop()
+        if br is None:
+            break
+        out.append(br)
+    return out, queue.memory_feasible
+
+
+def cheap_branches(cache: CostCache, omega: OmegaTable, settings: SearchSettings, limit: int) -> list[Branch]:
+    """The `limit` branches with the least cheap bound (no full bounds computed): a fast ranking."""
+    queue = BranchQueue(cache, omega, math.inf, settings)
+    ranked = []
+    for index, pb in sorted(queue.cheap.items()):
+        for i, b_p in enumerate(pb.prefill_sizes):
+            for k, b_d in enumerate(pb.decode_sizes):
+                if math.isfinite(pb.lower[i, k]):
+                    ranked.append(Branch(float(pb.lower[i, k]), index, queue.orders[index], b_p, b_d))
+    return sorted(ranked, key=Branch.key)[:limit]
+
+
+def branch_tables(cache: CostCache, slots: tuple[Slot, ...], b_p: int, b_d: int, omega: OmegaTable,
+                  budget: float, settings: SearchSettings) -> ProblemTables:
+    items = branch_items(omega.num_layers, omega, len(slots), settings.item_cells)
+    return build_tables(cache, slots, b_p, b_d, omega, items=items, budget=budget, theta=settings.theta,
+                        decode_points=settings.decode_points)
+
+
+def search(ctx: CostContext, omega: OmegaTable, budget: float, settings: SearchSettings,
+           seeds: list[Candidate] = (), deadline: float | None = None, cache: CostCache | None = None) -> SearchResult:
+    """Run the branch search (module docstring). `seeds` are plans already known (their surrogate values set
+    the first incumbent); they are not returned among the candidates. With `settings.heuristic_seed`, the
+    heuristic's plan of the first branch visited (per-layer items only) is a candidate too."""
+    started = time.monotonic()
+    deadline = deadline if deadline is not None else started + settings.time_limit_s
+    cache = cache or CostCache(ctx)
+    queue = BranchQueue(cache, omega, budget, settings)
+    incumbent = min((s.surrogate_ms for s in seeds), default=math.inf)
+    candidates: list[Candidate] = []
+    bounds: list[float] = []
+    screened: dict[tuple, ProblemTables] = {}
+    status, milps, lps, grouped_any, seeded = "optimal", 0, 0, False, False
+    while True:
+        if queue.peek_bound() >= incumbent * (1 + settings.candidate_slack):
+            break
+        if milps >= settings.max_milps:
+            status = "feasible"
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.05:
+            status = "timeout"
+            break
+        br = queue.pop(incumbent * (1 + settings.candidate_slack))
+        if br is None:
+            break
+        cutoff = incumbent * (1 + settings.candidate_slack) if math.isfinite(incumbent) else None
+        if cutoff is not None and br.bound >= cutoff:
+            queue.push(br)
+            break
+        key = (br.order_index, br.b_p, br.b_d)
+        tb = screened.pop(key, None) or branch_tables(cache, br.slots, br.b_p, br.b_d, omega, budget, settings)
+        if settings.heuristic_seed and not seeded:
+            seeded = True
+            a = heuristic_assignment(tb)
+            if a is not None:
+                seed = Candidate(br.slots, br.b_p, br.b_d, to_stages(tb, a), "heuristic", surrogate_ms(tb, a))
+                candidates.append(seed)
+                incumbent = min(incumbent, seed.surrogate_ms)
+                cutoff = incumbent * (1 + settings.candidate_slack)
+        if not br.screened and settings.screen:
+            lp = count_lp_bound(tb)
+            if lp is not None:
+                lps += 1
+                if cutoff is not None and lp >= cutoff or math.isinf(lp):
+                    bounds.append(max(br.bound, lp))
+                    continue
+                screened[key] = tb
+                queue.push(replace(br, bound=max(br.bound, lp), screened=True))
+                continue
+        options = MilpOptions(backend=settings.backend, time_limit_s=remaining, node_limit=settings.node_limit,
+                              rel_gap=settings.rel_gap, cutoff=cutoff)
+        result = solve_branch(tb, options)
+        milps += 1
+        if result.status == "timeout":
+            status = "timeout"
+        elif result.status in ("feasible", "limit") and status == "optimal":
+            status = "feasible"
+        if result.assignment is not None:
+            candidates.append(Candidate(br.slots, br.b_p, br.b_d, to_stages(tb, result.assignment), "milp",
+                                        float(result.objective)))
+            incumbent = min(incumbent, float(result.objective))
+        grouped = bool((tb.sizes > 1).any())
+        grouped_any = grouped_any or grouped
+        bounds.append(br.bound if grouped else max(br.bound, result.bound))
+    best_bound = min(bounds + [queue.peek_bound(), incumbent])
+    loose = incumbent > 0 and (incumbent - best_bound) > settings.rel_gap * incumbent
+    if grouped_any and status == "optimal" and loose:
+        status = "feasible"  # optimal for grouped layers only; the bound is the per-layer one
+    stats = {"orders": len(queue.orders), "orders_expanded": queue.expanded, "milps": milps, "lp_screens": lps,
+             "open_branches": len(queue), "search_s": time.monotonic() - started,
+             "count_model": bool(np.all(omega.values == omega.values[0]))}
+    return SearchResult(candidates, status, incumbent, best_bound, queue.memory_feasible, stats)
