@@ -49,17 +49,27 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("bits", pa.int16()),
     ]),
     # runs: what deploy measured, one row per stage and phase, with the plan's prediction beside it
+    # (wall_ms: the pipeline's phase time; tokens: B·n of the whole run; see llmpq.runtime.report)
     "runs": pa.schema([
-        ("method", pa.string()), ("stage", pa.int32()), ("device", pa.string()), ("phase", pa.string()),
-        ("wall_ms", pa.float64()), ("compute_ms", pa.float64()), ("wait_ms", pa.float64()),
-        ("predicted_ms", pa.float64()), ("tokens", pa.int64()), ("throughput_tok_s", pa.float64()),
-        ("peak_memory_bytes", pa.int64()), ("rss_bytes", pa.int64()),
+        ("method", pa.string()), ("stage", pa.int32()), ("device", pa.string()), ("node", pa.string()),
+        ("phase", pa.string()),
+        ("wall_ms", pa.float64()), ("predicted_ms", pa.float64()),
+        ("compute_ms", pa.float64()), ("predicted_compute_ms", pa.float64()), ("wait_ms", pa.float64()),
+        ("steps", pa.int32()), ("tokens", pa.int64()),
+        ("throughput_tok_s", pa.float64()), ("predicted_throughput_tok_s", pa.float64()),
+        ("weights_bytes", pa.int64()), ("kv_bytes", pa.int64()), ("peak_memory_bytes", pa.int64()),
+        ("rss_bytes", pa.int64()), ("planned_memory_bytes", pa.int64()), ("capacity_bytes", pa.int64()),
     ]),
     # eval: per method, measured against predicted, and quality
     "eval": pa.schema([
         ("method", pa.string()), ("measured_tok_s", pa.float64()), ("predicted_tok_s", pa.float64()),
         ("prefill_rel_error", pa.float64()), ("decode_rel_error", pa.float64()), ("perplexity", pa.float64()),
         ("omega", pa.float64()), ("ratio_vs_best_baseline", pa.float64()),
+    ]),
+    # eval_stages: per method and stage, memory the plan predicted and the run measured against capacity
+    "eval_stages": pa.schema([
+        ("method", pa.string()), ("stage", pa.int32()), ("device", pa.string()), ("layers", pa.int32()),
+        ("capacity_bytes", pa.int64()), ("predicted_bytes", pa.int64()), ("measured_peak_bytes", pa.int64()),
     ]),
 }
 
@@ -89,6 +99,15 @@ def check_table(kind: str, table: pa.Table, where: str = "table") -> pa.Table:
         return table.cast(expected)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise SchemaError(f"{where}: {kind}: {exc}") from None
+
+
+def _check_row_keys(kind: str, rows: list[Mapping[str, Any]], where: str) -> None:
+    """Rows must carry exactly the schema's columns (from_pylist would silently drop or null the others)."""
+    want = set(schema(kind).names)
+    for n, row in enumerate(rows):
+        got = set(row)
+        if got != want:
+            raise SchemaError(f"{where}: {kind} row {n}: missing {sorted(want - got)}, unexpected {sorted(got - want)}")
 
 
 def _safe_cast(src: pa.DataType, dst: pa.DataType) -> bool:
@@ -131,6 +150,7 @@ def write_table(kind: str, data: pa.Table | Mapping[str, list] | list[Mapping[st
     if isinstance(data, pa.Table):
         table = data
     elif isinstance(data, list):
+        _check_row_keys(kind, data, str(path))
         table = pa.Table.from_pylist(data, schema=schema(kind)) if data else schema(kind).empty_table()
     else:
         table = pa.table(dict(data))

@@ -17,8 +17,13 @@ def links_path(results: Path, cluster: str) -> Path:
     return Path(results) / "profiles" / "links" / f"{cluster}.parquet"
 
 
+def quant_root(results: Path, model: str) -> Path:
+    """The directory of a model's per-layer stores, one `{scheme}-w{bits}` folder each."""
+    return Path(results) / "quantized" / model
+
+
 def quant_dir(results: Path, model: str, scheme: str, bits: int) -> Path:
-    return Path(results) / "quantized" / model / f"{scheme}-w{bits}"
+    return quant_root(results, model) / f"{scheme}-w{bits}"
 
 
 def quant_manifest_path(results: Path, model: str, scheme: str, bits: int) -> Path:

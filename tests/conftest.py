@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import shutil
+import subprocess
+
 import pytest
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "profiles" / "slurm" / "local-cluster.sh"
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +32,29 @@ def tiny_opt_dir() -> Path:
         if not is_built(out):
             build_tiny_opt(out, spec, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def finished_workflow(tmp_path_factory, tiny_opt_dir) -> Path:
+    """The workflow run to the end once on a one-device CPU cluster (a few minutes), shared by the rerun and
+    SLURM tests (see `workflow_support.make_workdir`)."""
+    from workflow_support import make_workdir, snakemake
+
+    workdir = make_workdir(tmp_path_factory.mktemp("workflow"), tiny_opt_dir)
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """Skip unless we are root and `local-cluster.sh status` says the cluster is usable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the local SLURM cluster's daemons run as root")
+    missing = [tool for tool in ("sbatch", "sacct", "scancel") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"SLURM client tools not installed ({', '.join(missing)}); run: {CLUSTER_SCRIPT} install")
+    status = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True, timeout=120
+    )
+    if status.returncode != 0:
+        pytest.skip(f"local SLURM cluster is down; run: {CLUSTER_SCRIPT} start\n{status.stdout}{status.stderr}")

@@ -28,6 +28,14 @@ def test_missing_column_rejected_on_write(tmp_path):
     assert not (tmp_path / "s.parquet").exists()
 
 
+@pytest.mark.parametrize("row, word", [({k: v for k, v in ROW.items() if k != "omega"}, "missing"),
+                                       ({**ROW, "omgea": 0.1}, "unexpected")])
+def test_row_keys_must_match_schema(tmp_path, row, word):
+    with pytest.raises(SchemaError, match=f"row 1: .*{word} \\['om"):
+        write_table("sensitivity", [ROW, row], tmp_path / "s.parquet")
+    assert not (tmp_path / "s.parquet").exists()
+
+
 def test_wrong_type_rejected_on_write(tmp_path):
     with pytest.raises(SchemaError, match="omega"):
         write_table("sensitivity", {"layer": [0], "bits": [4], "indicator": ["v"], "omega": ["high"]}, tmp_path / "s.parquet")

@@ -12,7 +12,7 @@ import pytest
 from llmpq.artifacts import read_table
 from llmpq.cli import main
 from llmpq.solve.explain import bits_runs, explain
-from llmpq.solve.plan import (Plan, PlanError, StageMemoryPlan, StagePlan, from_dict, layer_rows, layers_path,
+from llmpq.solve.plan import (Plan, PlanError, StageMemoryPlan, StagePlan, layer_rows, layers_path,
                               meta_path, read_plan, to_dict, to_json)
 from llmpq.solve.run import write_plan
 

@@ -186,7 +186,7 @@ def model_perplexity(model_dir: str | Path, spec: EvalSpec, bits_per_layer: Sequ
 def cli_ppl(exp: Any, args: Any) -> int:
     """`llmpq ppl model=M [plan=PATH | bits=B] [out=PATH]`: print (and write) the perplexity on the eval split."""
     from ..models.source import model_dir
-    from ..paths import quant_dir
+    from ..paths import quant_root as store_root
 
     weights = model_dir(exp.model)
     if weights is None:
@@ -202,8 +202,7 @@ def cli_ppl(exp: Any, args: Any) -> int:
         from ..models.source import model_shape
 
         bits = [args.bits] * model_shape(exp.model).num_layers
-    quant_root = quant_dir(args.results, exp.model.name, scheme, 16).parent
-    result = model_perplexity(weights, spec, bits, quant_root, scheme, progress=True)
+    result = model_perplexity(weights, spec, bits, store_root(args.results, exp.model.name), scheme, progress=True)
     record = {"model": exp.model.name, "eval": asdict(spec), "scheme": scheme if bits else None,
               "bits_per_layer": bits, "plan": str(args.plan) if args.plan else None, **result.to_dict()}
     print(f"{exp.model.name}: perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "

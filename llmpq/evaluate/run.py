@@ -56,6 +56,20 @@ def method_result(method: str, plan: dict, runs, perplexity: float) -> MethodRes
     )
 
 
+def stage_memory_rows(method: str, plan: dict, runs) -> list[dict]:
+    """Per stage: capacity, the plan's predicted bytes (all parts) and the run's measured peak."""
+    rows = []
+    for k, stage in enumerate(plan["stages"]):
+        memory = dict(stage["memory"])
+        capacity = int(memory.pop("capacity_bytes"))
+        measured = runs.filter(pc.equal(runs["stage"], k))["peak_memory_bytes"]
+        rows.append({"method": method, "stage": k, "device": stage["device"],
+                     "layers": stage["layers"][1] - stage["layers"][0], "capacity_bytes": capacity,
+                     "predicted_bytes": int(sum(memory.values())),
+                     "measured_peak_bytes": int(pc.max(measured).as_py() or 0) if len(measured) else 0})
+    return rows
+
+
 def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, float]:
     """Measured throughput of each non-baseline method over the best baseline's."""
     best = max((r.measured_tok_s for r in results if r.method in BASELINES), default=math.nan)
@@ -79,12 +93,19 @@ def figure_dir(eval_file: Path) -> Path:
 
 def cli_evaluate(exp, args) -> int:
     """Evaluate every method that has both a plan and a run for the experiment's model x cluster x workload."""
-    from .perplexity import plan_perplexity
+    from ..models.source import model_dir
+    from .perplexity import EvalSpec, eval_token_ids
 
     model, cluster, workload = exp.model.name, exp.cluster.name, exp.workload.name
     plan_dir = paths.plan_path(args.results, model, cluster, workload, "x").parent
     out = args.out or paths.eval_path(args.results, model, cluster, workload)
-    plans, results = {}, []
+    weights = model_dir(exp.model)
+    if weights is None:
+        raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} has no local weights to evaluate")
+    spec = EvalSpec.from_raw(exp.raw["eval"])
+    token_ids = eval_token_ids(weights, spec)
+    ppl_of: dict[tuple, float] = {}
+    plans, results, stage_rows = {}, [], []
     for plan_file in sorted(plan_dir.glob("*.json")):
         if plan_file.name.endswith(".meta.json"):
             continue
@@ -94,8 +115,10 @@ def cli_evaluate(exp, args) -> int:
             continue
         plan = json.loads(plan_file.read_text())
         plans[method] = plan
-        ppl = plan_perplexity(exp, plan, args.results)
-        results.append(method_result(method, plan, read_table("runs", run_file), ppl))
+        ppl = _plan_perplexity(plan_file, weights, spec, token_ids, args.results, model, ppl_of)
+        runs = read_table("runs", run_file)
+        results.append(method_result(method, plan, runs, ppl))
+        stage_rows.extend(stage_memory_rows(method, plan, runs))
         print(f"evaluated {method}: {results[-1].measured_tok_s:.1f} tok/s measured, perplexity {ppl:.2f}", flush=True)
     if not results:
         raise FileNotFoundError(f"{plan_dir}: no plan with a matching run to evaluate")
@@ -110,9 +133,23 @@ def cli_evaluate(exp, args) -> int:
     _fidelity_figure(exp, args.results, figures / "fidelity.png")
     text = summary_markdown(f"{model} on {cluster}, workload {workload}", results, ratios)
     write_text(text, figures / "summary.md")
+    write_table("eval_stages", stage_rows, figures / "stages.parquet", provenance(exp.config_hash))
     write_table("eval", rows, out, provenance(exp.config_hash, extra_methods=sorted(plans)))
     print(text)
     return 0
+
+
+def _plan_perplexity(plan_file: Path, weights: Path, spec, token_ids, results: Path, model: str,
+                     cache: dict[tuple, float]) -> float:
+    """Perplexity of the plan's exact per-layer weights (memoised on bits and scheme: methods often agree)."""
+    from .perplexity import model_perplexity, read_plan_bits
+
+    plan_bits = read_plan_bits(plan_file)
+    key = (plan_bits.bits, plan_bits.scheme)
+    if key not in cache:
+        cache[key] = model_perplexity(weights, spec, list(plan_bits.bits), paths.quant_root(results, model),
+                                      plan_bits.scheme, token_ids=token_ids).perplexity
+    return cache[key]
 
 
 def _fidelity_figure(exp, results: Path, path: Path) -> Path:

@@ -118,7 +118,10 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
     grid = grid.capped(shape.max_positions)
     bits = tuple(bits if bits is not None else device.bits)
     dev, dtype = torch_device(device)
-    with_layer, with_ends = layer_fits(shape, device, quant, grid), ends_fit(shape, device, grid)
+    # A CPU device's memory is a planning cap on a slice of this machine, not a physical limit: time everything.
+    physical = device.kind != "cpu"
+    with_layer = not physical or layer_fits(shape, device, quant, grid)
+    with_ends = not physical or ends_fit(shape, device, grid)
     if not with_layer:
         print(f"llmpq profile: one {model} layer does not fit {device.stem}; its latency will use the roofline",
               file=sys.stderr)

@@ -153,7 +153,7 @@ def cli_ppl_map(exp: Any, args: Any) -> int:
     """`llmpq ppl-map model=M [indicator=NAME] [out=PATH]`: measure assignments and fit the map."""
     from ..evaluate.perplexity import EvalSpec, eval_token_ids
     from ..models.source import model_dir
-    from ..paths import ppl_map_path, quant_dir, sensitivity_path
+    from ..paths import ppl_map_path, quant_root, sensitivity_path
     from ..quantize.bank import LayerBank
     from .table import omega_sum, read_omega
 
@@ -163,7 +163,7 @@ def cli_ppl_map(exp: Any, args: Any) -> int:
     indicator = args.indicator or DEFAULT_INDICATOR
     omega = read_omega(sensitivity_path(args.results, exp.model.name), indicator)
     scheme = exp.model.quant.scheme
-    bank = LayerBank(weights, quant_dir(args.results, exp.model.name, scheme, 16).parent, scheme)
+    bank = LayerBank(weights, quant_root(args.results, exp.model.name), scheme)
     spec = EvalSpec.from_raw(exp.raw["eval"])
     ids = eval_token_ids(weights, spec)
     n = bank.num_layers

@@ -104,7 +104,7 @@ def write_sensitivity(rows: Sequence[SensitivityRow], path: Path, meta: Mapping[
 def cli_calibrate(exp: Any, args: Any) -> int:
     """`llmpq calibrate model=M [indicator=NAME] [out=PATH]`: write the sensitivity table of M."""
     from ..models.source import model_dir
-    from ..paths import quant_dir, sensitivity_path
+    from ..paths import quant_root, sensitivity_path
 
     weights = model_dir(exp.model)
     if weights is None:
@@ -113,7 +113,7 @@ def cli_calibrate(exp: Any, args: Any) -> int:
     indicators = (args.indicator,) if args.indicator else INDICATORS
     if "bits_only" not in indicators:
         indicators += ("bits_only",)
-    job = CalibrateJob(exp.model.name, weights, quant_dir(args.results, exp.model.name, scheme, 16).parent, scheme,
+    job = CalibrateJob(exp.model.name, weights, quant_root(args.results, exp.model.name), scheme,
                        tuple(exp.model.bits), CalibrationSpec.from_raw(exp.raw["calibration"]), indicators)
     rows = calibrate(job)
     out = args.out or sensitivity_path(args.results, exp.model.name)

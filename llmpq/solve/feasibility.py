@@ -36,10 +36,10 @@ def memory_message(cache: CostCache) -> str:
     """'model needs X GiB at the lowest bits, cluster has Y GiB' (+ why, when the totals alone would fit)."""
     need, room, low = memory_need_and_room(cache)
     ctx = cache.ctx
-    text = (f"model {ctx.shape.family} with {ctx.shape.num_layers} layers needs {need / GIB:.1f} GiB at the lowest "
+    text = (f"model {ctx.shape.family} with {ctx.shape.num_layers} layers needs {need / GIB:.3g} GiB at the lowest "
             f"bits ({low}-bit weights + KV cache for {ctx.workload.batch} sequences of "
             f"{ctx.workload.prompt_len + ctx.workload.gen_len} tokens + embedding/head), "
-            f"cluster {ctx.cluster.name} has {room / GIB:.1f} GiB")
+            f"cluster {ctx.cluster.name} has {room / GIB:.3g} GiB")
     if need <= room:
         text += (" in total, but no arrangement fits: stages hold whole layers, and the first and last stages "
                  "also hold the embedding and the LM head")

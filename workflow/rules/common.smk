@@ -57,6 +57,17 @@ def device_slice(device):
     return _device(device)
 
 
+TIMING_KEYS = ("name", "kind", "threads", "bits")
+GPU_FIT_KEYS = ("memory_gib", "reserve_gib")
+
+
+def timing_slice(device):
+    """What a device's timings depend on: a CPU device's memory cap is a planning limit, not a physical one."""
+    spec = device_slice(device)
+    keys = TIMING_KEYS + (GPU_FIT_KEYS if spec["kind"] != "cpu" else ())
+    return {k: spec[k] for k in keys}
+
+
 def model_of_cluster(cluster):
     for m, c, _, _ in experiments():
         if c == cluster:

@@ -18,6 +18,7 @@ rule evaluate:
     output:
         table=str(paths.eval_path(RESULTS, "{model}", "{cluster}", "{workload}")),
         summary=figure("{model}", "{cluster}", "{workload}", "summary.md"),
+        stages=figure("{model}", "{cluster}", "{workload}", "stages.parquet"),
         plan=report(figure("{model}", "{cluster}", "{workload}", "plan.png"), caption="../report/plan.rst",
                     category="Plans", subcategory="{model} / {cluster} / {workload}"),
         throughput=report(figure("{model}", "{cluster}", "{workload}", "throughput.png"),

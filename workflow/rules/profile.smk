@@ -6,7 +6,7 @@ rule profile:
         str(paths.profile_path(RESULTS, "{device}", "{model}")),
     params:
         cli=llmpq("profile"),
-        device=lambda wc: device_slice(wc.device),
+        device=lambda wc: timing_slice(wc.device),
         model=lambda wc: model_slice(wc.model),
         grid=config["profile"],
     wildcard_constraints:

@@ -1,0 +1,78 @@
+"""Incremental reruns: after a finished workflow, each config change reruns exactly the jobs that depend on it.
+
+One real run of the workflow (tiny-opt on a one-device CPU cluster, two methods, a small profile grid) in a
+temporary working directory; then each test edits one config file, asks Snakemake what it would rerun
+(`snakemake -n`, which compares the recorded params and input checksums, not only mtimes) and restores
+the file. The same finished run is the local reference of the SLURM test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from workflow_support import CLUSTER, SOLVERS, WORKLOAD, edited, planned_jobs
+
+pytestmark = pytest.mark.slow
+
+
+def test_finished_workflow_has_every_artifact(finished_workflow):
+    results = finished_workflow / "results"
+    for solver in SOLVERS:
+        assert (results / "plans" / "tiny-opt" / CLUSTER / WORKLOAD / f"{solver}.json").is_file()
+        assert (results / "runs" / "tiny-opt" / CLUSTER / WORKLOAD / f"{solver}.parquet").is_file()
+    figures = results / "eval" / "tiny-opt" / CLUSTER / WORKLOAD
+    assert (figures.with_suffix(".parquet")).is_file()
+    assert {"plan.png", "throughput.png", "fidelity.png", "quality.png", "summary.md"} <= {p.name for p in figures.iterdir()}
+
+
+def test_noop_rerun_runs_nothing(finished_workflow):
+    assert planned_jobs(finished_workflow) == {}
+
+
+def test_noop_dry_run_is_fast(finished_workflow):
+    """Recorded, not asserted tightly (timing targets live in benchmarks/workflow.py): a sanity bound only."""
+    start = time.perf_counter()
+    planned_jobs(finished_workflow)
+    assert time.perf_counter() - start < 60
+
+
+def test_adding_a_device_type_reruns_its_profile_and_the_cluster_downstream(finished_workflow):
+    def add_device(data):
+        data["nodes"][0]["devices"]["cpu-small"] = 1
+
+    with edited(finished_workflow / "conf" / "cluster" / f"{CLUSTER}.yaml", add_device):
+        jobs = planned_jobs(finished_workflow)
+    n = len(SOLVERS)
+    assert jobs == {"profile": 1, "profile_links": 1, "solve": n, "deploy": n, "evaluate": 1, "all": 1}
+
+
+def test_changing_the_workload_reruns_solve_and_after(finished_workflow):
+    def shorter(data):
+        data["gen_len"] = data["gen_len"] // 2
+
+    with edited(finished_workflow / "conf" / "workload" / f"{WORKLOAD}.yaml", shorter):
+        jobs = planned_jobs(finished_workflow)
+    n = len(SOLVERS)
+    assert jobs == {"solve": n, "deploy": n, "evaluate": 1, "all": 1}
+
+
+def test_changing_the_quality_budget_reruns_that_method_only(finished_workflow):
+    def budget(data):
+        data["max_ppl_increase"] = 5.0
+
+    with edited(finished_workflow / "conf" / "solver" / "llmpq.yaml", budget):
+        jobs = planned_jobs(finished_workflow)
+    assert jobs == {"solve": 1, "deploy": 1, "evaluate": 1, "all": 1}
+
+
+def test_changing_calibration_text_reruns_quantize_and_calibrate(finished_workflow):
+    config_file = finished_workflow / "conf" / "config.yaml"
+
+    def fewer_samples(data):
+        data["calibration"]["samples"] = data["calibration"]["samples"] // 2
+
+    with edited(config_file, fewer_samples):
+        jobs = planned_jobs(finished_workflow)
+    n = len(SOLVERS)
+    assert jobs == {"quantize": 5, "calibrate": 1, "ppl_map": 1, "solve": n, "deploy": n, "evaluate": 1, "all": 1}
