@@ -33,9 +33,8 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1800, check: bool = True
     return proc.stdout + proc.stderr
 
 
-def planned_jobs(workdir: Path) -> dict[str, int]:
-    """Jobs a dry run would run, by rule ({} when nothing is to be done)."""
-    text = snakemake(workdir, "-n", "--cores", "2")
+def job_counts(text: str) -> dict[str, int]:
+    """Jobs by rule from Snakemake's "Job stats" table ({} when nothing is to be done)."""
     if "Job stats:" not in text:
         assert "Nothing to be done" in text, text[-2000:]
         return {}
@@ -43,6 +42,11 @@ def planned_jobs(workdir: Path) -> dict[str, int]:
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
     counts.pop("total", None)
     return counts
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Jobs a dry run would run, by rule ({} when nothing is to be done)."""
+    return job_counts(snakemake(workdir, "-n", "--cores", "2", *args))
 
 
 @contextmanager
