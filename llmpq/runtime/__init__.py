@@ -1,1 +1,1 @@
-"""llmpq.runtime."""
+"""llmpq.runtime: run a plan with one process per stage (`launch` -> `stage` -> `schedule`)."""

@@ -9,6 +9,7 @@ rule deploy:
     params:
         cli=llmpq("deploy"),
         config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload).raw[k] for k in ("devices", "workload")},
+        deploy=config["deploy"],
     log:
         "logs/deploy/{model}/{cluster}/{workload}/{solver}.log",
     benchmark:

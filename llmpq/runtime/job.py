@@ -1,0 +1,81 @@
+"""The job every stage process reads: the plan's stages with their devices and planned memory, the prompts,
+where the weights are, and the run options. Written once by the launcher as JSON, so that stage processes
+need no config composition and all ranks see exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..artifacts import write_text
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: the device that runs it, its layers and bits, and its planned memory (bytes)."""
+
+    index: int
+    device: str                 # device config stem
+    node: str
+    kind: str                   # cpu | gpu
+    device_name: str            # the GPU name the device config expects (nvidia-smi's, spaces as _)
+    threads: int | None         # torch threads (a CPU device's `threads`)
+    start: int
+    end: int
+    bits: tuple[int, ...]
+    planned_weights_bytes: int
+    planned_kv_bytes: int
+    planned_total_bytes: int
+    capacity_bytes: int
+    cap_bytes: int | None       # a CPU device's memory_cap_gib, enforced before loading
+    cuda_index: int | None = None
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Everything a stage process needs to run its part of a plan."""
+
+    method: str
+    model_dir: str
+    quant_root: str
+    scheme: str
+    prompts: tuple[tuple[int, ...], ...]
+    gen_len: int
+    micro_batch_prefill: int
+    micro_batch_decode: int
+    stages: tuple[StageSpec, ...]
+    workdir: str
+    backend: str = "gloo"
+    timeout_s: float = 60.0
+    record_logits: bool = False
+    fault: str | None = None
+    verify: bool = True
+    warmup: bool = True
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompts[0])
+
+    def report_path(self, rank: int) -> Path:
+        """Where rank `rank` writes its `StageReport`."""
+        return Path(self.workdir) / f"rank{rank}.json"
+
+    def write(self, path: str | Path) -> Path:
+        return write_text(json.dumps(asdict(self), sort_keys=True) + "\n", path)
+
+    @staticmethod
+    def read(path: str | Path) -> "RunJob":
+        data = json.loads(Path(path).read_text())
+        stages = tuple(StageSpec(**{**s, "bits": tuple(s["bits"])}) for s in data.pop("stages"))
+        prompts = tuple(tuple(p) for p in data.pop("prompts"))
+        return RunJob(stages=stages, prompts=prompts, **data)

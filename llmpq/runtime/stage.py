@@ -1,0 +1,179 @@
+"""One pipeline stage process: `python -m llmpq.runtime.stage JOB.json`.
+
+The same entry point under torchrun (rank and world from RANK / WORLD_SIZE / LOCAL_RANK) and under srun
+(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT set by the launcher). Rank j
+runs stage j of the job: it checks its device's memory cap before loading anything, loads only its
+layers (and the embedding or head where it is first or last), runs the schedule and writes its report
+beside the job. Any error ends the process non-zero; its peers then fail on the broken connection or
+time out, and the launcher (torchrun, or srun --kill-on-bad-exit) stops the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ..artifacts import write_text
+from .caps import MemoryCapError, cap_violation
+from .job import RunJob, StageSpec
+from .kvcache import CacheShape, StageKVCache
+from .measure import StageClock, memory_stats
+from .parts import load_stage
+from .schedule import Fault, StageRunner, plan_steps
+
+CAP_EXIT_CODE = 3
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which stage this process runs and which local accelerator it may use."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def placement_from_env(env: Mapping[str, str] | None = None) -> Placement:
+    """Rank, world size and local rank from torchrun's variables, else from SLURM's, else a single process."""
+    env = os.environ if env is None else env
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank in env and world in env:
+            return Placement(int(env[rank]), int(env[world]), int(env.get(local, 0)))
+    return Placement(0, 1, 0)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What one stage measured, and its outputs (tokens from the first stage, logits from the last)."""
+
+    rank: int
+    device: str
+    host: str
+    phases: dict[str, dict[str, float]]
+    memory: dict[str, int]
+    tokens: list[list[int]] | None = None
+    first_logits: list[list[float]] | None = None
+    last_logits: list[list[float]] | None = None
+
+    def write(self, path: str | Path) -> Path:
+        return write_text(json.dumps(asdict(self)) + "\n", path)
+
+    @staticmethod
+    def read(path: str | Path) -> "StageReport":
+        return StageReport(**json.loads(Path(path).read_text()))
+
+
+def torch_device(spec: StageSpec, local_rank: int) -> tuple[torch.device, torch.dtype]:
+    """The torch device and compute dtype of a stage: CPU in float32, or the GPU the stage was given in float16."""
+    if spec.kind == "cpu":
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"stage {spec.index} runs on GPU device {spec.device} but no CUDA device is visible")
+    device = torch.device("cuda", spec.cuda_index if spec.cuda_index is not None else local_rank)
+    found = torch.cuda.get_device_name(device).replace(" ", "_")
+    if found != spec.device_name:
+        raise RuntimeError(f"stage {spec.index} expects a {spec.device_name} ({spec.device}) but {device} is a {found}")
+    torch.cuda.set_device(device)
+    return device, torch.float16
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads (unchanged if None), then restore the count."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _as_lists(t: torch.Tensor | None) -> list | None:
+    return None if t is None else t.cpu().tolist()
+
+
+def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageReport:
+    """Run stage `place.rank` of `job`: cap check, load, (process group), schedule; its report."""
+    spec = job.stages[place.rank]
+    problem = cap_violation(spec)
+    if problem is not None:
+        raise MemoryCapError(problem)
+    device, dtype = torch_device(spec, place.local_rank)
+    with torch_threads(spec.threads), torch.inference_mode():
+        model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
+                           last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify)
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        sequences = -(-job.batch // job.micro_batch_decode) * job.micro_batch_decode
+        cache = StageKVCache(CacheShape(spec.start, spec.end - spec.start, sequences, kv_heads,
+                                        job.prompt_len + job.gen_len, head_dim), dtype, device)
+        clock = StageClock(device)
+        ring = None
+        if place.world > 1:
+            from .comm import Ring
+
+            if init_dist:
+                _init_process_group(job, place, device)
+            ring = Ring(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
+        fault = Fault.parse(job.fault) if job.fault else None
+        runner = StageRunner(model, cache, clock, job.batch, job.gen_len, ring, fault, job.record_logits)
+        prompts = torch.tensor(job.prompts, dtype=torch.long, device=device)
+        steps = plan_steps(job.batch, job.prompt_len, job.gen_len, job.micro_batch_prefill, job.micro_batch_decode)
+        out = runner.run(prompts, steps, job.warmup)
+    memory = memory_stats(device, model.weight_bytes(), cache.nbytes)
+    return StageReport(place.rank, spec.device, platform.node(), clock.to_dict(), asdict(memory),
+                       _as_lists(out.tokens), _as_lists(out.first_logits), _as_lists(out.last_logits))
+
+
+def _init_process_group(job: RunJob, place: Placement, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(job.backend, rank=place.rank, world_size=place.world,
+                            timeout=timedelta(seconds=job.timeout_s), **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m llmpq.runtime.stage JOB.json", file=sys.stderr)
+        return 2
+    job = RunJob.read(argv[0])
+    place = placement_from_env()
+    where = f"llmpq stage {place.rank}"
+    if place.world != len(job.stages):
+        print(f"{where}: started with {place.world} processes for a plan of {len(job.stages)} stages", file=sys.stderr)
+        return 2
+    where += f" ({job.stages[place.rank].device})"
+    try:
+        report = run_stage(job, place)
+    except MemoryCapError as exc:
+        print(f"{where}: {exc}", file=sys.stderr, flush=True)
+        return CAP_EXIT_CODE
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"{where}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    report.write(job.report_path(place.rank))
+    if place.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
