@@ -17,7 +17,7 @@ from llmpq.models.source import model_shape
 from llmpq.runtime.caps import MemoryCapError
 from llmpq.runtime.job import RunJob, StageSpec
 from llmpq.runtime.kvcache import CacheShape, StageKVCache
-from llmpq.runtime.launch import DeployError, DeployOptions, deploy, launch_command, launch_mode
+from llmpq.runtime.launch import DeployOptions, deploy, launch_command, launch_mode
 from llmpq.runtime.report import read_sidecar, tokens_path
 from llmpq.runtime.schedule import Fault, plan_steps
 from llmpq.runtime.stage import Placement, placement_from_env, run_stage
