@@ -14,43 +14,62 @@ BITS_COLOURS = {16: "#1b9e77", 8: "#7570b3", 4: "#e6ab02", 3: "#d95f02", 2: "#e7
 GIB = 1024**3
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, layout: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+MEMORY_PARTS = ("weights_bytes", "kv_bytes", "activations_bytes", "embed_bytes", "head_bytes", "buffers_bytes",
+                "reserve_bytes")
+
+
+def memory_unit(plans: Mapping[str, dict]) -> tuple[str, float]:
+    """GiB where the largest capacity is at least 1 GiB, else MiB (the local CPU devices hold a few MiB)."""
+    largest = max(s["memory"]["capacity_bytes"] for p in plans.values() for s in p["stages"])
+    return ("GiB", float(GIB)) if largest >= GIB else ("MiB", float(2**20))
+
+
 def plot_plans(plans: Mapping[str, dict], path: Path) -> Path:
     """Per method: layers coloured by bits on their stage's row (left), memory per stage vs capacity (right)."""
-    fig, axes = plt.subplots(len(plans), 2, figsize=(11, 1.2 + 1.3 * len(plans)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(len(plans), 2, figsize=(11, 1.6 + 1.3 * len(plans)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1.3]})
+    unit, scale = memory_unit(plans)
     for row, (method, plan) in enumerate(plans.items()):
         ax, mem_ax = axes[row]
+        layers = 0
         for j, stage in enumerate(plan["stages"]):
             start, end = stage["layers"]
+            layers = max(layers, end)
             for i, bits in zip(range(start, end), stage["bits"]):
                 ax.barh(j, 1, left=i, color=BITS_COLOURS.get(bits, "grey"), edgecolor="white")
         ax.set_yticks(range(len(plan["stages"])), [f"{s['device']}@{s['node']}" for s in plan["stages"]])
+        ax.set_xticks([i + 0.5 for i in range(0, layers, max(1, layers // 16))],
+                      [str(i) for i in range(0, layers, max(1, layers // 16))])
         ax.invert_yaxis()
         ax.set_title(f"{method}: b_p={plan['micro_batch']['prefill']}, b_d={plan['micro_batch']['decode']}", fontsize=9)
-        ax.set_xlabel("decoder layer")
-        names = ["weights_bytes", "kv_bytes", "activations_bytes", "embed_bytes", "head_bytes", "buffers_bytes", "reserve_bytes"]
         for j, stage in enumerate(plan["stages"]):
             left = 0.0
-            for k, name in enumerate(names):
-                value = stage["memory"][name] / GIB
-                mem_ax.barh(j, value, left=left, color=plt.cm.tab10(k), label=name.removesuffix("_bytes") if j == 0 else None)
+            for k, name in enumerate(MEMORY_PARTS):
+                value = stage["memory"][name] / scale
+                mem_ax.barh(j, value, left=left, color=plt.cm.tab10(k))
                 left += value
-            mem_ax.plot([stage["memory"]["capacity_bytes"] / GIB] * 2, [j - 0.4, j + 0.4], color="black")
+            mem_ax.plot([stage["memory"]["capacity_bytes"] / scale] * 2, [j - 0.4, j + 0.4], color="black")
         mem_ax.invert_yaxis()
         mem_ax.set_yticks([])
-        mem_ax.set_xlabel("GiB (line: capacity)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BITS_COLOURS.values()]
-    axes[0][0].legend(handles, [f"{b}-bit" for b in BITS_COLOURS], ncol=5, fontsize=7, loc="lower right")
-    axes[0][1].legend(fontsize=6, loc="lower right")
-    return _save(fig, path)
+    axes[-1][0].set_xlabel("decoder layer")
+    axes[-1][1].set_xlabel(f"{unit} per stage (black line: capacity)")
+    bit_handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BITS_COLOURS.values()]
+    fig.legend(bit_handles, [f"{b}-bit" for b in BITS_COLOURS], ncol=5, fontsize=8, loc="upper left",
+               bbox_to_anchor=(0.02, 1.0), frameon=False)
+    part_handles = [plt.Rectangle((0, 0), 1, 1, color=plt.cm.tab10(k)) for k in range(len(MEMORY_PARTS))]
+    fig.legend(part_handles, [n.removesuffix("_bytes") for n in MEMORY_PARTS], ncol=4, fontsize=7,
+               loc="upper right", bbox_to_anchor=(0.99, 1.0), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save(fig, path, layout=False)
 
 
 def plot_throughput(methods: Sequence[str], measured: Sequence[float], predicted: Sequence[float], path: Path) -> Path:
