@@ -74,7 +74,7 @@ def make_workdir(workdir: Path, tiny_opt_dir: Path) -> Path:
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     cluster = yaml.safe_load((workdir / "conf" / "cluster" / "local-cpu.yaml").read_text())
     cluster["name"] = CLUSTER
-    cluster["nodes"] = [{"name": "local", "devices": {"cpu-large": 1}}]
+    cluster["nodes"] = [{"name": "local", "devices": {"cpu": 1}}]
     (workdir / "conf" / "cluster" / f"{CLUSTER}.yaml").write_text(yaml.safe_dump(cluster, sort_keys=False))
     shutil.copytree(tiny_opt_dir, workdir / "results" / "models" / "tiny-opt")
     return workdir

@@ -15,11 +15,10 @@ import os
 import platform
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -29,6 +28,7 @@ from .job import RunJob, StageSpec
 from .kvcache import CacheShape, StageKVCache
 from .measure import StageClock, memory_stats
 from .parts import load_stage
+from ..profile.timing import torch_threads
 from .schedule import Fault, StageRunner, plan_steps
 
 CAP_EXIT_CODE = 3
@@ -85,18 +85,6 @@ def torch_device(spec: StageSpec, local_rank: int) -> tuple[torch.device, torch.
         raise RuntimeError(f"stage {spec.index} expects a {spec.device_name} ({spec.device}) but {device} is a {found}")
     torch.cuda.set_device(device)
     return device, torch.float16
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with `threads` intra-op threads (unchanged if None), then restore the count."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _as_lists(t: torch.Tensor | None) -> list | None:

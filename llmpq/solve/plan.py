@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..costmodel.memory import StageMemory as StageMemoryPlan  # one record of a stage's memory parts
+
 SCHEMA_VERSION = 1
 STATUSES = ("optimal", "feasible", "infeasible", "timeout")
 PLAN_SOURCES = ("milp", "heuristic", "baseline")
@@ -26,24 +28,6 @@ FLOAT_DIGITS = 9
 
 class PlanError(ValueError):
     """A plan file that does not match the plan schema."""
-
-
-@dataclass(frozen=True)
-class StageMemoryPlan:
-    """Memory of one stage by part (bytes), as the cost model predicts it."""
-
-    weights_bytes: int
-    kv_bytes: int
-    activations_bytes: int
-    embed_bytes: int
-    head_bytes: int
-    buffers_bytes: int
-    reserve_bytes: int
-    capacity_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(getattr(self, k) for k in MEMORY_KEYS if k != "capacity_bytes")
 
 
 @dataclass(frozen=True)

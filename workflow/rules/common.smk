@@ -152,6 +152,11 @@ def plan_devices(plan_file):
     return [stage["device"] for stage in json.loads(Path(plan_file).read_text())["stages"]]
 
 
+def stage_cpus(plan_file):
+    """CPUs per deploy task under SLURM: the most threads any stage's device uses (1 for a GPU stage's host)."""
+    return max(device_slice(d).get("threads") or 1 for d in plan_devices(plan_file))
+
+
 def deploy_gpu_request(plan_file):
     """GPUs for a deploy job: one per stage, of the plan's single GPU type.
 

@@ -17,7 +17,9 @@ rule deploy:
     threads: workflow.cores
     resources:
         tasks=lambda wc, input: len(plan_devices(input.plan)),
-        mpi="srun",
+        cpus_per_task=lambda wc, input: stage_cpus(input.plan),
+        # the SLURM plugin refuses an MPI job of one task (and then hangs): a one-stage plan runs in-process
+        mpi=lambda wc, input: "srun" if len(plan_devices(input.plan)) > 1 else "",
         gpu=lambda wc, input: deploy_gpu_request(input.plan)["gpu"],
         gpu_model=lambda wc, input: deploy_gpu_request(input.plan)["gpu_model"],
         gres=lambda wc, input: deploy_gpu_request(input.plan)["gres"],
