@@ -27,7 +27,8 @@ rule all:
 onsuccess:
     for summary in sorted(RESULTS.glob("eval/*/*/*/summary.md")):
         print(summary.read_text())
-    print("Report: snakemake --report report.html  (plots under results/eval/)")
+    print(f"Report: snakemake --cores {workflow.cores} --report report.html, then open report.html "
+          f"(plots and tables also under {RESULTS / 'eval'}/)")
 
 
 rule plan_only:
