@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,6 +143,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `final`; on success it replaces `final` whole.
+
+    The directory and its top-level files get the usual shared modes (0755 / 0644; temporary directories
+    are private by default), so results read like a plain copy.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)
+        for path in staging.iterdir():
+            if path.is_file():
+                path.chmod(0o644)
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            final.rename(trash / final.name)
+            staging.rename(final)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_table(kind: str, data: pa.Table | Mapping[str, list] | list[Mapping[str, Any]], path: str | Path,

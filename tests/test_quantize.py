@@ -13,7 +13,8 @@ from llmpq.quantize.calibration import CalibrationSpec, calibration_windows
 from llmpq.quantize.rtn import rtn_dequantize, rtn_grid
 from llmpq.quantize.run import QuantizeJob, quantize_store
 from llmpq.quantize.settings import LayerHeader, LinearQuant
-from llmpq.quantize.store import layer_file, staged_dir
+from llmpq.artifacts import staged_dir
+from llmpq.quantize.store import layer_file
 
 
 @pytest.fixture(scope="module")

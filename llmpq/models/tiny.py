@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from llmpq.artifacts import staged_dir
 from llmpq.data.text import default_source, encode_split, split_documents
 
 if TYPE_CHECKING:
@@ -231,24 +230,6 @@ def train_model(
     return sum(recent) / len(recent)
 
 
-def _make_readable(directory: Path) -> None:
-    """Give the directory and its files the usual modes (temporary files are private by default)."""
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o644)
-
-
-def _replace_dir(built: Path, out_dir: Path) -> None:
-    """Move the complete `built` directory to `out_dir`, replacing any previous one."""
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        out_dir.rename(trash / out_dir.name)
-        built.rename(out_dir)
-        shutil.rmtree(trash)
-    else:
-        built.rename(out_dir)
-
-
 def build_tiny_opt(out_dir: Path, spec: TinyOptSpec | None = None, progress: bool = True) -> TinyOptReport:
     """Train tokenizer and model per `spec` and write them to `out_dir` atomically."""
     spec = spec or TinyOptSpec()
@@ -280,16 +261,10 @@ def build_tiny_opt(out_dir: Path, spec: TinyOptSpec | None = None, progress: boo
         train_seconds=train_seconds,
         total_seconds=time.perf_counter() - start,
     )
-    built = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_dir(out_dir) as built:
         model.save_pretrained(built)
         tokenizer.save_pretrained(built)
         (built / TRAINING_FILE).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
-        _make_readable(built)
-        _replace_dir(built, out_dir)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
     return report
 
 

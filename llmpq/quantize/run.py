@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import provenance
+from ..artifacts import provenance, staged_dir
 from ..config import config_hash
 from ..models.shape import shape_from_config
 from ..models.source import model_dir as source_dir
@@ -29,7 +29,7 @@ from .gptq_layout import dequantize, pack_linear
 from .loader import load_quantized_layer
 from .rtn import rtn_dequantize, rtn_grid
 from .settings import FP_BITS, SCHEMES, LayerHeader, LinearQuant
-from .store import ManifestRow, layer_file, sha256_file, staged_dir, write_layer_file, write_manifest
+from .store import ManifestRow, layer_file, sha256_file, write_layer_file, write_manifest
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 

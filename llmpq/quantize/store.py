@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -24,7 +21,7 @@ from ..artifacts import read_table, write_table
 from .settings import LayerHeader
 
 MANIFEST_FILE = "manifest.parquet"
-FILE_MODE, DIR_MODE = 0o644, 0o755  # stores are shared results: readable by all, as a plain `cp` would leave them
+FILE_MODE = 0o644  # stores are shared results: readable by all, as a plain `cp` would leave them
 
 
 class LayerFileError(ValueError):
@@ -119,24 +116,3 @@ def verify_layer_file(path: str | Path, manifest: Mapping[int, ManifestRow] | No
             f"re-run `llmpq quantize` for {row.scheme} {row.bits}-bit"
         )
     return row
-
-
-@contextmanager
-def staged_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `final`; on success it replaces `final` whole."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        yield staging
-        os.chmod(staging, DIR_MODE)
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-            final.rename(trash / final.name)
-            staging.rename(final)
-            shutil.rmtree(trash)
-        else:
-            staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
