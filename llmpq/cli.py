@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import __version__
 from .config import ConfigError, compose_experiment
 
 VERBS: dict[str, tuple[str, str]] = {
@@ -65,19 +68,43 @@ def _split(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
     return reserved, overrides
 
 
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "transformers")
+
+
+def quiet_third_party() -> None:
+    """Hide third-party deprecation notices and import chatter on a terminal (logs and --debug keep them)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _message(exc: BaseException) -> str:
+    """One line for an error: its text (a KeyError's without quotes), or its type for an empty one."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return str(text) or type(exc).__name__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpq", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmpq {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, text) in VERBS.items():
         p = sub.add_parser(verb, help=text, description=text)
-        p.add_argument("--config-dir", help="extra directory of config groups (device/, cluster/, ...)")
+        p.add_argument("--config-dir", help="extra directory of config groups (device/, cluster/, ...), searched "
+                                            "before the shipped conf/ (default: $LLMPQ_CONFIG_DIR)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and third-party warnings")
         p.add_argument("pairs", nargs="*", metavar="KEY=VALUE",
                        help=f"hydra overrides (cluster=paper-c3, workload.gen_len=200) or {', '.join(RESERVED)}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Exit codes: 0 done, 2 bad configuration or arguments, 1 any other failure (one line on
+    stderr naming what to change; `--debug` shows the traceback)."""
     args = _parser().parse_args(argv)
+    if not args.debug and sys.stderr.isatty():
+        quiet_third_party()
     reserved, overrides = _split(args.pairs)
     try:
         bits = int(reserved["bits"]) if "bits" in reserved else None
@@ -96,10 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         module, func = VERBS[args.verb][0].split(":")
         return int(getattr(importlib.import_module(module), func)(exp, verb_args) or 0)
     except ConfigError as exc:
+        if args.debug:
+            raise
         print(f"llmpq {args.verb}: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"llmpq {args.verb}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"llmpq {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure becomes one message; --debug re-raises for the traceback
+        if args.debug:
+            raise
+        expected = isinstance(exc, (ValueError, OSError, KeyError))
+        kind = "error" if expected else f"internal error ({type(exc).__name__}; --debug shows the traceback)"
+        print(f"llmpq {args.verb}: {kind}: {_message(exc)}", file=sys.stderr)
         return 1
 
 

@@ -125,3 +125,86 @@ def test_cli_config_error_exit_code(tmp_path, capsys):
     assert main(["config", "--config-dir", str(d), "cluster=mine"]) == 2
     err = capsys.readouterr().err
     assert "cluster/mine.yaml" in err and "nodes[0].devices.x100" in err
+
+
+DEVICE_X1 = "name: X1\nmemory_gib: 8\nmem_bandwidth_gbps: 100\nfp16_tflops: 10\nbits: [16, 4]\n"
+
+
+@pytest.mark.parametrize("group, stem, text, key, near", [
+    ("device", "x1", DEVICE_X1 + "reserve_gb: 3\n", "reserve_gb", "reserve_gib"),
+    ("device", "x1", DEVICE_X1 + "efficiency: {prefill: 0.5, decod: 0.5}\n", "efficiency.decod", "decode"),
+    ("cluster", "mine", GOOD_CLUSTER.replace("present: false", "presnt: true"), "presnt", "present"),
+    ("cluster", "mine", GOOD_CLUSTER.replace("{name: a, devices", "{name: a, device_count: 1, devices"),
+     "nodes[0].device_count", None),
+    ("model", "m1", "name: m1\nsource: x\nfamily: opt\nbits: [16]\nquant: {scheme: gptq, group_sise: 64}\n",
+     "quant.group_sise", "group_size"),
+    ("workload", "w1", "name: w1\nprompt_len: 8\ngen_len: 4\nbatch: 2\ngen_lenght: 5\n", "gen_lenght", "gen_len"),
+    ("solver", "s1", "name: s1\nmethod: llmpq\ntime_limit: 5\n", "time_limit", "time_limit_s"),
+])
+def test_unknown_keys_refused_with_nearest(tmp_path, group, stem, text, key, near):
+    d = user_dir(tmp_path, group, stem, text)
+    overrides = {"device": ["cluster=mine"], "cluster": [f"cluster={stem}"]}.get(group, [f"{group}={stem}"])
+    if group == "device":
+        user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER.replace("t4: 2", "x1: 1"))
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(overrides, config_dir=d)
+    assert err.value.key == key
+    assert err.value.file.endswith(f"{group}/{stem}.yaml")
+    assert "unknown key" in err.value.message
+    if near:
+        assert f"did you mean `{near}`" in err.value.message
+
+
+def test_cpu_cap_typo_refused():
+    """`memory_cap_gb` once replaced a 2 MiB cap with the inherited 4 GiB without a word."""
+    with pytest.raises(ConfigError, match="memory_cap_gib"):
+        from llmpq.config.validate import device_spec
+
+        device_spec("cpu-x", "device/cpu-x.yaml", {"name": "cpu", "kind": "cpu", "threads": 1, "memory_gib": 1,
+                                                   "mem_bandwidth_gbps": 1, "fp16_tflops": 1, "bits": [16],
+                                                   "memory_cap_gb": 0.002})
+
+
+def test_missing_required_key_names_the_typo():
+    from llmpq.config.validate import device_spec
+
+    with pytest.raises(ConfigError, match="is `memory_gb` a typo") as err:
+        device_spec("x1", "device/x1.yaml", {"name": "X", "memory_gb": 8, "mem_bandwidth_gbps": 1,
+                                             "fp16_tflops": 1, "bits": [16]})
+    assert err.value.key == "memory_gib"
+
+
+def test_user_device_file_wins_over_shipped(tmp_path):
+    """A site's own device/t4.yaml replaces the shipped one (and changes what the planner sees)."""
+    shipped = compose_experiment(["cluster=paper-c3", "model=opt-30b"]).devices["t4"]
+    d = user_dir(tmp_path, "device", "t4", DEVICE_X1.replace("name: X1", "name: Tesla_T4_site").replace("8", "15"))
+    mine = compose_experiment(["cluster=paper-c3", "model=opt-30b"], config_dir=d)
+    assert mine.devices["t4"].name == "Tesla_T4_site" and mine.devices["t4"].bits == (16, 4)
+    assert mine.devices["t4"].memory_gib == 15 != shipped.memory_gib
+    assert load_device("t4", config_dir=d).name == "Tesla_T4_site"
+
+
+def test_config_dir_from_environment(tmp_path, monkeypatch):
+    d = user_dir(tmp_path, "cluster", "mine", GOOD_CLUSTER)
+    monkeypatch.setenv("LLMPQ_CONFIG_DIR", str(d))
+    assert compose_experiment(["cluster=mine"]).cluster.name == "mine"
+
+
+@pytest.mark.parametrize("content, text", [
+    (None, "no such plan"),
+    ("{not json", "not JSON"),
+    ('{"schema_version": 1}', "missing key"),
+])
+def test_bad_plan_is_one_message(tmp_path, capsys, content, text):
+    plan = tmp_path / "plan.json"
+    if content is not None:
+        plan.write_text(content)
+    assert main(["explain", f"plan={plan}"]) == 1
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("llmpq ")

@@ -9,7 +9,8 @@ the file. The same finished run is the local reference of the SLURM test.
 from __future__ import annotations
 
 import pytest
-from workflow_support import CLUSTER, SOLVERS, WORKLOAD, edited, planned_jobs
+import yaml
+from workflow_support import CLUSTER, SOLVERS, WORKLOAD, edited, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +68,29 @@ def test_changing_calibration_text_reruns_quantize_and_calibrate(finished_workfl
         jobs = planned_jobs(finished_workflow)
     n = len(SOLVERS)
     assert jobs == {"quantize": 5, "calibrate": 1, "ppl_map": 1, "solve": n, "deploy": n, "evaluate": 1, "all": 1}
+
+
+def test_an_empty_config_dir_reruns_nothing(finished_workflow, tmp_path):
+    """The config dir's path is in no rule's command line: pointing at one changes nothing by itself."""
+    assert planned_jobs(finished_workflow, "--config", f"config_dir={tmp_path}") == {}
+
+
+def test_a_config_dir_device_override_reruns_that_device_downstream(finished_workflow, tmp_path):
+    """A site's own device file (a tighter memory cap) wins over the shipped one: plans and runs rerun, the
+    profile does not (a CPU device's cap is a planning limit, not part of its timings)."""
+    shipped = yaml.safe_load((finished_workflow / "conf" / "device" / "cpu.yaml").read_text())
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "cpu.yaml").write_text(yaml.safe_dump({**shipped, "memory_gib": 2.0, "memory_cap_gib": 2.0}))
+    jobs = planned_jobs(finished_workflow, "--config", f"config_dir={tmp_path}")
+    n = len(SOLVERS)
+    assert jobs == {"solve": n, "deploy": n, "evaluate": 1, "all": 1}
+
+
+def test_a_config_error_exits_2_through_snakemake(finished_workflow, tmp_path):
+    shipped = yaml.safe_load((finished_workflow / "conf" / "device" / "cpu.yaml").read_text())
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "cpu.yaml").write_text(yaml.safe_dump({**shipped, "reserve_gb": 3}))
+    out = snakemake(finished_workflow, "-n", "--config", f"config_dir={tmp_path}", check=False, returncode=True)
+    assert out.returncode == 2, out.text[-2000:]
+    assert "device/cpu.yaml: reserve_gb: unknown key; did you mean `reserve_gib`?" in out.text
+    assert "Traceback" not in out.text

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -18,8 +19,17 @@ WORKLOAD = "s64-n16-b8"
 SOLVERS = ["llmpq", "uniform"]
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 1800, check: bool = True) -> str:
-    """Run Snakemake on the repository's Snakefile in `workdir`; return stdout + stderr.
+@dataclass(frozen=True)
+class Finished:
+    """A Snakemake run's exit code and its stdout + stderr."""
+
+    returncode: int
+    text: str
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1800, check: bool = True, returncode: bool = False):
+    """Run Snakemake on the repository's Snakefile in `workdir`; return stdout + stderr (with the exit code as a
+    `Finished` when `returncode`).
 
     The interpreter's bin directory goes first on PATH, so that the rules' `llmpq` is this environment's
     even when the tests run without an activated venv.
@@ -30,7 +40,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1800, check: bool = True
                           env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return Finished(proc.returncode, proc.stdout + proc.stderr) if returncode else proc.stdout + proc.stderr
 
 
 def job_counts(text: str) -> dict[str, int]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError
 from .types import Experiment
 from .validate import check_cpu_threads, cluster_spec, device_spec, model_spec, solver_spec, workload_spec
 
 GROUPS = ("model", "cluster", "workload", "solver", "device")
+CONFIG_DIR_ENV = "LLMPQ_CONFIG_DIR"  # the --config-dir of every verb when the option is not given
 
 
 def default_conf_dir() -> Path:
@@ -23,19 +27,45 @@ def default_conf_dir() -> Path:
 
 
 class ConfigSearch:
-    """The config directories in search order: the shipped conf dir, then a user's --config-dir."""
+    """The config directories in search order: a user's --config-dir first (its files win), then the shipped conf dir.
+
+    Without an explicit `config_dir`, the `LLMPQ_CONFIG_DIR` environment variable names it (the workflow sets
+    it, so that the directory's path is not part of any rule's command line).
+    """
 
     def __init__(self, conf_dir: Path | None = None, config_dir: str | Path | None = None):
         self.conf_dir = (conf_dir or default_conf_dir()).resolve()
         if not (self.conf_dir / "config.yaml").is_file():
             raise ConfigError(str(self.conf_dir), "config.yaml", "no primary config found")
+        config_dir = config_dir or os.environ.get(CONFIG_DIR_ENV) or None
         self.user_dir = Path(config_dir).resolve() if config_dir else None
         if self.user_dir is not None and not self.user_dir.is_dir():
             raise ConfigError(str(config_dir), "--config-dir", "not a directory")
 
     @property
     def dirs(self) -> list[Path]:
-        return [self.conf_dir] + ([self.user_dir] if self.user_dir else [])
+        return ([self.user_dir] if self.user_dir else []) + [self.conf_dir]
+
+    @contextmanager
+    def hydra_root(self) -> Iterator[Path]:
+        """A config directory for Hydra in which the user's group files shadow the shipped ones.
+
+        Hydra searches its primary directory before any `hydra.searchpath` entry, so a user's file of the same
+        stem would lose; instead Hydra gets a temporary tree of links, the shipped files overlaid by the user's.
+        """
+        if self.user_dir is None:
+            yield self.conf_dir
+            return
+        with tempfile.TemporaryDirectory(prefix="llmpq-conf-") as tmp:
+            root = Path(tmp)
+            (root / "config.yaml").symlink_to(self.conf_dir / "config.yaml")
+            for source in (self.conf_dir, self.user_dir):
+                for path in source.glob("*/*.yaml"):
+                    link = root / path.parent.name / path.name
+                    link.parent.mkdir(exist_ok=True)
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(path)
+            yield root
 
     def file(self, group: str, option: str) -> Path | None:
         """Path of `group/option.yaml` as Hydra will find it, or None."""
@@ -59,10 +89,9 @@ def _hydra_compose(search: ConfigSearch, overrides: Sequence[str]) -> dict[str, 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    extra = [f"hydra.searchpath=[file://{search.user_dir}]"] if search.user_dir else []
     try:
-        with initialize_config_dir(config_dir=str(search.conf_dir), version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides) + extra)
+        with search.hydra_root() as root, initialize_config_dir(config_dir=str(root), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
     except MissingConfigException as exc:
         group = next((g for g in GROUPS if f"'{g}/" in str(exc) or f"{g}/" in str(exc)), "overrides")
         known = ", ".join(search.options(group)) if group in GROUPS else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any, Callable, Mapping
 
@@ -26,12 +27,18 @@ KNOWN_FAMILIES = ("opt", "bloom", "llama", "qwen2", "mistral")
 
 
 class Reader:
-    """Reads typed keys from one group's mapping, raising ConfigError(file, key) on bad values."""
+    """Reads typed keys from one group's mapping, raising ConfigError(file, key) on bad values.
+
+    Every key a spec knows is read through `get` (present or not), so the keys read are the schema:
+    `finish` refuses any other key of the mapping (and of every `sub` mapping), naming the nearest known one.
+    """
 
     def __init__(self, file: str, data: Mapping[str, Any], prefix: str = ""):
         if not isinstance(data, Mapping):
             raise ConfigError(file, prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
         self.file, self.data, self.prefix = file, data, prefix
+        self.known: set[str] = set()
+        self.children: list[Reader] = []
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -41,10 +48,14 @@ class Reader:
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
         """Value of `name` as `kind`; `default` (if given) when missing or null; `check` returns an error text."""
+        self.known.add(name)
         value = self.data.get(name)
         if value is None:
             if default is ...:
-                raise self.fail(name, "missing required key" if name not in self.data else "must not be null")
+                if name in self.data:
+                    raise self.fail(name, "must not be null")
+                near = difflib.get_close_matches(name, [str(k) for k in self.data], n=1, cutoff=0.6)
+                raise self.fail(name, "missing required key" + (f" (is `{near[0]}` a typo of it?)" if near else ""))
             return default
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
@@ -57,7 +68,23 @@ class Reader:
         return value
 
     def sub(self, name: str) -> "Reader":
-        return Reader(self.file, self.get(name, Mapping), self.key(name))
+        child = Reader(self.file, self.get(name, Mapping), self.key(name))
+        self.children.append(child)
+        return child
+
+    def allow(self, *names: str) -> None:
+        """Declare keys that are valid here but read elsewhere (or free-form)."""
+        self.known.update(names)
+
+    def finish(self) -> None:
+        """Refuse keys no `get` asked for: `reserve_gb: unknown key; did you mean reserve_gib?`."""
+        for name in self.data:
+            if str(name) not in self.known:
+                near = difflib.get_close_matches(str(name), sorted(self.known), n=1, cutoff=0.6)
+                hint = f"; did you mean `{near[0]}`?" if near else f" (known: {', '.join(sorted(self.known))})"
+                raise self.fail(str(name), f"unknown key{hint}")
+        for child in self.children:
+            child.finish()
 
 
 def positive(value: float) -> str | None:
@@ -89,7 +116,7 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
     threads = r.get("threads", int, None, positive)
     if kind == "cpu" and threads is None:
         raise r.fail("threads", "missing required key (a cpu device needs its thread count)")
-    return DeviceSpec(
+    spec = DeviceSpec(
         stem=stem,
         name=r.get("name", str),
         kind=kind,
@@ -104,6 +131,8 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
         memory_cap_gib=r.get("memory_cap_gib", float, None, positive),
         slurm=dict(r.get("slurm", Mapping, {})),
     )
+    r.finish()
+    return spec
 
 
 def link(r: Reader, name: str) -> Link:
@@ -126,11 +155,12 @@ def cluster_spec(file: str, data: Mapping[str, Any], known_devices: Callable[[st
                 raise devices.fail(str(stem), f"unknown device {stem!r} (known: {', '.join(all_devices)})")
             entries.append((str(stem), devices.get(str(stem), int, check=positive)))
         nodes.append(Node(name=n.get("name", str), devices=tuple(entries)))
+        n.finish()
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise r.fail("nodes", f"node names must be unique, got {names}")
     links = r.sub("links")
-    return ClusterSpec(
+    spec = ClusterSpec(
         name=r.get("name", str),
         nodes=tuple(nodes),
         present=r.get("present", bool, False),
@@ -139,6 +169,8 @@ def cluster_spec(file: str, data: Mapping[str, Any], known_devices: Callable[[st
         model=r.get("model", str, None),
         workloads=tuple(r.get("workloads", list, [])),
     )
+    r.finish()
+    return spec
 
 
 def check_cpu_threads(file: str, cluster: ClusterSpec, devices: Mapping[str, DeviceSpec]) -> None:
@@ -152,7 +184,7 @@ def check_cpu_threads(file: str, cluster: ClusterSpec, devices: Mapping[str, Dev
 def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
     r = Reader(file, data)
     q = r.sub("quant")
-    return ModelSpec(
+    spec = ModelSpec(
         name=r.get("name", str),
         source=r.get("source", str),
         family=r.get("family", str, check=one_of(KNOWN_FAMILIES)),
@@ -160,17 +192,21 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
         quant=QuantSpec(scheme=q.get("scheme", str, "gptq", one_of(KNOWN_SCHEMES)), group_size=q.get("group_size", int, 128, positive)),
         hf_config=dict(r.get("hf_config", Mapping, {})) or None,
     )
+    r.finish()
+    return spec
 
 
 def workload_spec(file: str, data: Mapping[str, Any]) -> WorkloadSpec:
     r = Reader(file, data)
-    return WorkloadSpec(
+    spec = WorkloadSpec(
         name=r.get("name", str),
         prompt_len=r.get("prompt_len", int, check=positive),
         gen_len=r.get("gen_len", int, check=positive),
         batch=r.get("batch", int, check=positive),
         prompts=r.get("prompts", str, "shakespeare"),
     )
+    r.finish()
+    return spec
 
 
 def solver_spec(file: str, data: Mapping[str, Any]) -> SolverSpec:
@@ -189,4 +225,5 @@ def solver_spec(file: str, data: Mapping[str, Any]) -> SolverSpec:
     budgets = [k for k in ("max_ppl_increase", "max_omega", "budget_from") if getattr(spec, k) is not None]
     if len(budgets) > 1:
         raise r.fail(budgets[1], f"give one quality budget, not {' and '.join(budgets)}")
+    r.finish()
     return spec

@@ -1,18 +1,24 @@
 """Config composition for the rules (imports llmpq.config only: no torch, so dry runs stay fast)."""
 
 import json
+import os
 import shlex
+import sys
 from pathlib import Path
 
 from llmpq import paths
 from dataclasses import asdict
 from functools import lru_cache
 
-from llmpq.config import ConfigSearch, compose_experiment, load_device
+from llmpq.config import ConfigError, ConfigSearch, compose_experiment, load_device
+from llmpq.config.compose import CONFIG_DIR_ENV
 
 RESULTS = Path(config.get("results_dir", "results"))
 CONFIG_DIR = config.get("config_dir")
-CONFIG_DIR_ARG = f"--config-dir {shlex.quote(str(Path(CONFIG_DIR).resolve()))}" if CONFIG_DIR else ""
+if CONFIG_DIR:
+    # Jobs find the user's config groups through the environment, so the directory's path is in no rule's
+    # command line: only the content of the configs a rule reads (its params) decides whether it reruns.
+    os.environ[CONFIG_DIR_ENV] = str(Path(CONFIG_DIR).resolve())
 _COMPOSED = {}
 
 
@@ -23,8 +29,17 @@ def experiment(model, cluster, workload="", solver=""):
         overrides = [f"model={model}", f"cluster={cluster}"]
         overrides += [f"workload={workload}"] if workload else []
         overrides += [f"solver={solver}"] if solver else []
-        _COMPOSED[key] = compose_experiment(overrides, config_dir=CONFIG_DIR)
+        _COMPOSED[key] = config_or_exit(compose_experiment, overrides, config_dir=CONFIG_DIR)
     return _COMPOSED[key]
+
+
+def config_or_exit(compose, *args, **kwargs):
+    """`compose(...)`, or one line on stderr and exit 2 for a bad config (as `llmpq` verbs do), no traceback."""
+    try:
+        return compose(*args, **kwargs)
+    except ConfigError as exc:
+        print(f"llmpq workflow: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def experiments():
@@ -49,7 +64,7 @@ def model_slice(model):
 
 @lru_cache(maxsize=None)
 def _device(device):
-    return asdict(load_device(device, config_dir=CONFIG_DIR))
+    return asdict(config_or_exit(load_device, device, config_dir=CONFIG_DIR))
 
 
 def device_slice(device):
@@ -170,4 +185,4 @@ def deploy_gpu_request(plan_file):
 
 def llmpq(verb):
     """The command line of one verb, with the workflow's config dir and results dir."""
-    return f"llmpq {verb} {CONFIG_DIR_ARG} results={shlex.quote(str(RESULTS))}"
+    return f"llmpq {verb} results={shlex.quote(str(RESULTS))}"
