@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmpq {args.verb}: bits: expected an integer, got {reserved['bits']!r}", file=sys.stderr)
         return 2
     try:
-        exp = compose_experiment(overrides, config_dir=args.config_dir)
+        exp = compose_experiment(overrides, config_dir=args.config_dir, cluster_defaults=True)
         results = Path(reserved.get("results") or exp.raw.get("results_dir") or "results")
         verb_args = VerbArgs(
             out=Path(reserved["out"]) if "out" in reserved else None,

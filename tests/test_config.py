@@ -208,3 +208,25 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("llmpq ")
+
+
+def test_cli_uses_the_clusters_own_model_and_workload(capsys):
+    import json
+
+    assert main(["config", "cluster=paper-c3"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert (raw["model"]["name"], raw["workload"]["name"]) == ("opt-30b", "s512-n100-b32")
+
+
+def test_cli_refuses_to_guess_among_a_clusters_workloads(capsys):
+    assert main(["config", "cluster=paper-c1"]) == 2
+    err = capsys.readouterr().err
+    assert "s512-n100-b32, s128-n200-b32" in err and "workload=" in err
+
+
+def test_overridden_workload_gets_its_own_name():
+    base = compose_experiment(["cluster=paper-c3", "model=opt-30b", "workload=s512-n100-b32"])
+    longer = compose_experiment(["cluster=paper-c3", "model=opt-30b", "workload=s512-n100-b32", "workload.gen_len=200"])
+    again = compose_experiment(["cluster=paper-c3", "model=opt-30b", "workload=s512-n100-b32", "workload.gen_len=200"])
+    assert base.workload.name == "s512-n100-b32"
+    assert longer.workload.name.startswith("s512-n100-b32-") and longer.workload.name == again.workload.name

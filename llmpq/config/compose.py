@@ -101,20 +101,58 @@ def _hydra_compose(search: ConfigSearch, overrides: Sequence[str]) -> dict[str, 
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def _cluster_stems(search: ConfigSearch, cluster: str, overrides: Sequence[str]) -> list[str]:
-    """Known device stems named by the cluster file (read directly: saves a second composition)."""
+def _cluster_file(search: ConfigSearch, cluster: str) -> dict[str, Any]:
+    """The cluster file as written ({} if absent or unreadable: composition reports that with file and key)."""
     import yaml
 
     path = search.file("cluster", cluster)
-    if path is None or any(o.lstrip("+~").startswith("cluster.") for o in overrides):
+    try:
+        data = yaml.safe_load(path.read_text()) if path else {}
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _cluster_stems(search: ConfigSearch, cluster: str, overrides: Sequence[str]) -> list[str]:
+    """Known device stems named by the cluster file (read directly: saves a second composition)."""
+    if any(o.lstrip("+~").startswith("cluster.") for o in overrides):
         return []
     known = set(search.options("device"))
+    nodes = _cluster_file(search, cluster).get("nodes") or []
     try:
-        nodes = (yaml.safe_load(path.read_text()) or {}).get("nodes") or []
         stems = [str(s) for n in nodes if isinstance(n, dict) for s in (n.get("devices") or {})]
-    except (yaml.YAMLError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         return []
     return [s for s in dict.fromkeys(stems) if s in known]
+
+
+def _cluster_defaults(search: ConfigSearch, chosen: dict[str, str], overrides: Sequence[str]) -> list[str]:
+    """Overrides that give a cluster its own model and workload when the user named neither.
+
+    A cluster file may name the model and workloads it is planned for (the paper's clusters do): without
+    `model=`, its model is used; without `workload=`, its only workload, and with several the choice is refused
+    with their names (planning the default tiny workload on it would be silently wrong).
+    """
+    data = _cluster_file(search, chosen["cluster"])
+    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
+    extra = []
+    if data.get("model") and "model" not in named:
+        extra.append(f"model={data['model']}")
+    workloads = [str(w) for w in data.get("workloads") or []]
+    if workloads and "workload" not in named and chosen["workload"] not in workloads:
+        if len(workloads) > 1:
+            raise ConfigError(search.label("cluster", chosen["cluster"]), "workloads",
+                              f"this cluster is planned for {', '.join(workloads)}: choose one with workload=NAME")
+        extra.append(f"workload={workloads[0]}")
+    return extra
+
+
+def _renamed_workload(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """A workload changed by `workload.KEY=...` overrides gets a name of its own (its artifacts must not land on the
+    paths of the unchanged workload): `<name>-<8 hex of its content>`."""
+    if any(o.lstrip("+~").startswith("workload.") for o in overrides if not o.lstrip("+~").startswith("workload.name=")):
+        body = {k: v for k, v in raw["workload"].items() if k != "name"}
+        raw["workload"]["name"] = f"{raw['workload']['name']}-{config_hash(body)[:8]}"
 
 
 def _selected(overrides: Sequence[str], group: str, default: str) -> str:
@@ -131,14 +169,23 @@ def config_hash(data: Any) -> str:
 
 
 def compose_experiment(
-    overrides: Sequence[str] = (), config_dir: str | Path | None = None, conf_dir: Path | None = None
+    overrides: Sequence[str] = (), config_dir: str | Path | None = None, conf_dir: Path | None = None,
+    cluster_defaults: bool = False,
 ) -> Experiment:
-    """Compose, validate and type one experiment; raises ConfigError naming the file and key at fault."""
+    """Compose, validate and type one experiment; raises ConfigError naming the file and key at fault.
+
+    `cluster_defaults` (the CLI's choice): a cluster that names its model and workloads supplies them when the
+    overrides do not (`_cluster_defaults`).
+    """
     search = ConfigSearch(conf_dir, config_dir)
     defaults = _primary_defaults(search.conf_dir / "config.yaml")
     chosen = {g: _selected(overrides, g, defaults.get(g, "")) for g in ("model", "cluster", "workload", "solver")}
+    if cluster_defaults:
+        overrides = list(overrides) + _cluster_defaults(search, chosen, overrides)
+        chosen = {g: _selected(overrides, g, defaults.get(g, "")) for g in chosen}
     stems = _cluster_stems(search, chosen["cluster"], overrides)
     raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in stems])
+    _renamed_workload(raw, overrides)
     cluster_file = search.label("cluster", chosen["cluster"])
     known = search.options("device")
     cluster = cluster_spec(cluster_file, raw["cluster"], lambda s: s in known, known)
