@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, compose_experiment
+from .data.text import SourceUnavailableError
 
 VERBS: dict[str, tuple[str, str]] = {
     "config": ("llmpq.cli:print_config", "print the composed, validated config"),
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"llmpq {args.verb}: config error: {exc}", file=sys.stderr)
+        return 2
+    except SourceUnavailableError as exc:
+        if args.debug:
+            raise
+        print(f"llmpq {args.verb}: missing package: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llmpq {args.verb}: interrupted", file=sys.stderr)

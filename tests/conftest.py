@@ -13,18 +13,34 @@ import pytest
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "profiles" / "slurm" / "local-cluster.sh"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def built_with(model_dir: Path, digest: str) -> bool:
+    """Whether `model_dir` holds a finished tiny-opt build of the spec with this digest."""
+    import json
+
+    from llmpq.models.tiny import TRAINING_FILE, is_built
+
+    return is_built(model_dir) and json.loads((model_dir / TRAINING_FILE).read_text()).get("spec_digest") == digest
+
+
 @pytest.fixture(scope="session")
 def tiny_opt_dir() -> Path:
-    """The default tiny-opt model, built once per machine under `<repo>/.cache/tests/` and reused.
+    """The default tiny-opt model: the main workflow's `results/models/tiny-opt` when it is a build of the same
+    spec (the README's main command has just trained it), else one build per machine under `<repo>/.cache/tests/`.
 
-    A file lock makes concurrent test sessions wait for one build instead of racing.
+    The tests only read it. A file lock makes concurrent test sessions wait for one build instead of racing.
     """
     import fcntl
 
     from llmpq.models.tiny import TinyOptSpec, build_tiny_opt, is_built
 
     spec = TinyOptSpec()
-    cache = Path(__file__).resolve().parent.parent / ".cache" / "tests"
+    workflow_model = ROOT / "results" / "models" / "tiny-opt"
+    if built_with(workflow_model, spec.digest()):
+        return workflow_model
+    cache = ROOT / ".cache" / "tests"
     out = cache / f"tiny-opt-{spec.digest()}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f"{out.name}.lock", "w") as lock:

@@ -74,7 +74,7 @@ def test_fp_perplexity_equals_exp_of_hf_loss(tiny_opt_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_opt_dir), dtype=torch.float32).eval()
-    ids = eval_token_ids(tiny_opt_dir, EvalSpec("shakespeare" if _has_shakespeare() else "pydoc"))[:128 * 5 + 37]
+    ids = eval_token_ids(tiny_opt_dir, EvalSpec("shakespeare"))[:128 * 5 + 37]
     result = perplexity(model, ids, window=128, stride=128)
     assert result.windows == 6 and result.covered_tokens == len(ids)
     total = count = 0
@@ -87,12 +87,6 @@ def test_fp_perplexity_equals_exp_of_hf_loss(tiny_opt_dir):
     assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def _has_shakespeare() -> bool:
-    from llmpq.data.text import default_source
-
-    return default_source() == "shakespeare"
-
-
 @pytest.fixture(scope="module")
 def tiny_store_root(tiny_opt_dir, tmp_path_factory) -> Path:
     """GPTQ and RTN stores of tiny-opt at 16, 8, 4, 3 and 2 bits (the workflow's calibration settings)."""
@@ -100,7 +94,7 @@ def tiny_store_root(tiny_opt_dir, tmp_path_factory) -> Path:
     from llmpq.quantize.run import QuantizeJob, quantize_store
 
     root = tmp_path_factory.mktemp("quantized")
-    calibration = CalibrationSpec("shakespeare" if _has_shakespeare() else "pydoc", 32, 128)
+    calibration = CalibrationSpec("shakespeare", 32, 128)
     for scheme in ("gptq", "rtn"):
         for bits in (16, 8, 4, 3, 2):
             quantize_store(QuantizeJob("tiny-opt", tiny_opt_dir, root / f"{scheme}-w{bits}", scheme, bits, 128,
@@ -115,7 +109,7 @@ def test_quantized_perplexity_orders_by_bits(tiny_opt_dir, tiny_store_root, sche
     +0.03 / +1.9 / +12 / +87 % and RTN +0.07 / +5.4 / +25 / +340 % at 8 / 4 / 3 / 2 bits)."""
     from llmpq.evaluate.perplexity import model_perplexity
 
-    spec = EvalSpec("shakespeare" if _has_shakespeare() else "pydoc", 128, 128, 64)
+    spec = EvalSpec("shakespeare", 128, 128, 64)
     ids = eval_token_ids(tiny_opt_dir, spec)
     fp = model_perplexity(tiny_opt_dir, spec, token_ids=ids).perplexity
     layers = json.loads((tiny_opt_dir / "config.json").read_text())["num_hidden_layers"]

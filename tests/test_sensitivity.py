@@ -95,14 +95,13 @@ def test_random_assignments_are_distinct_and_use_prepared_bits():
 @pytest.mark.slow
 def test_calibrate_tiny_opt(tiny_opt_dir, tmp_path):
     """All indicators on the real quantized layers: complete, zero at 16 bits, growing as bits drop."""
-    from llmpq.data.text import default_source
     from llmpq.quantize.calibration import CalibrationSpec
     from llmpq.quantize.run import QuantizeJob, quantize_store
     from llmpq.sensitivity.indicators import INDICATORS
     from llmpq.sensitivity.run import CalibrateJob, calibrate, write_sensitivity
     from llmpq.sensitivity.table import read_omega
 
-    calibration = CalibrationSpec(default_source(), 16, 128)
+    calibration = CalibrationSpec("shakespeare", 16, 128)
     for bits in (16, 8, 4, 2):
         quantize_store(QuantizeJob("tiny-opt", tiny_opt_dir, tmp_path / f"rtn-w{bits}", "rtn", bits, 128),
                        progress=False)

