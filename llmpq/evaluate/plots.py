@@ -102,12 +102,24 @@ def plot_fidelity(measured_ms: Sequence[float], predicted_ms: Sequence[float], l
     return _save(fig, path)
 
 
+QUALITY_MIN_SPAN = 0.05  # the perplexity axis spans at least 5% of its largest value
+
+
+def quality_limits(perplexity: Sequence[float]) -> tuple[float, float]:
+    """y-limits that never magnify noise: at least `QUALITY_MIN_SPAN` of the largest value, padded by 10%."""
+    lo, hi = min(perplexity), max(perplexity)
+    span = max(hi - lo, QUALITY_MIN_SPAN * hi)
+    middle = (lo + hi) / 2
+    return middle - 0.6 * span, middle + 0.6 * span
+
+
 def plot_quality(methods: Sequence[str], throughput: Sequence[float], perplexity: Sequence[float], path: Path) -> Path:
-    """Perplexity vs measured throughput, one point per method (lower right is better)."""
+    """Perplexity vs measured throughput, one point per method (lower right is better), values written out."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter(throughput, perplexity)
     for m, x, y in zip(methods, throughput, perplexity):
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(f"{m} ({y:.2f})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_ylim(*quality_limits(perplexity))
     ax.set_xlabel("measured tokens / s")
     ax.set_ylabel("perplexity (held-out text)")
     return _save(fig, path)
