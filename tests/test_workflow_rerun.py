@@ -93,5 +93,6 @@ def test_a_config_error_exits_2_through_snakemake(finished_workflow, tmp_path):
     (tmp_path / "device" / "cpu.yaml").write_text(yaml.safe_dump({**shipped, "reserve_gb": 3}))
     out = snakemake(finished_workflow, "-n", "--config", f"config_dir={tmp_path}", check=False, returncode=True)
     assert out.returncode == 2, out.text[-2000:]
-    assert "device/cpu.yaml: reserve_gb: unknown key; did you mean `reserve_gib`?" in out.text
+    assert "reserve_gb: unknown key; did you mean `reserve_gib`?" in out.text
+    assert f"{tmp_path}/device/cpu.yaml" in out.text  # the file the key is in, even when inherited
     assert "Traceback" not in out.text

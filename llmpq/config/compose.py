@@ -79,8 +79,25 @@ class ConfigSearch:
         return sorted({p.stem for d in self.dirs for p in (d / group).glob("*.yaml")})
 
     def label(self, group: str, option: str) -> str:
+        """The file that defines `group/option`, followed by the files it inherits through its `defaults:` list
+        (a key may come from either): `.../device/cpu-large.yaml (+ .../device/cpu.yaml)`."""
         path = self.file(group, option)
-        return str(path) if path else f"{group}/{option}.yaml"
+        if path is None:
+            return f"{group}/{option}.yaml"
+        parents = [self.label(group, name) for name in self._defaults(path) if name != option]
+        return str(path) + (f" (+ {', '.join(parents)})" if parents else "")
+
+    @staticmethod
+    def _defaults(path: Path) -> list[str]:
+        """Same-group options a config file names in its `defaults:` list (`_self_` excluded)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            return []
+        entries = data.get("defaults") if isinstance(data, dict) else None
+        return [e for e in entries or [] if isinstance(e, str) and e != "_self_"]
 
 
 def _hydra_compose(search: ConfigSearch, overrides: Sequence[str]) -> dict[str, Any]:
