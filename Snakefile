@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "conf/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/profile.smk"
@@ -27,6 +30,8 @@ rule all:
 onsuccess:
     for summary in sorted(RESULTS.glob("eval/*/*/*/summary.md")):
         print(summary.read_text())
+    if paths.summary_path(RESULTS).is_file():
+        print(f"Summary page: {paths.summary_path(RESULTS)}")
     print(f"Report: snakemake --cores {workflow.cores} --report report.html, then open report.html "
           f"(plots and tables also under {RESULTS / 'eval'}/)")
 

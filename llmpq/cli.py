@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "explain": ("llmpq.solve.explain:cli_explain", "print a plan (plan=PATH) as a table"),
     "deploy": ("llmpq.runtime.launch:cli_deploy", "run a plan (plan=PATH) with one process per stage"),
     "evaluate": ("llmpq.evaluate.run:cli_evaluate", "compare methods: measured vs predicted, perplexity, plots"),
+    "summary": ("llmpq.evaluate.summary:cli_summary", "one HTML page with every evaluated experiment's result"),
 }
 
 RESERVED = ("out", "plan", "device", "bits", "indicator", "results")

@@ -48,3 +48,8 @@ def run_path(results: Path, model: str, cluster: str, workload: str, solver: str
 
 def eval_path(results: Path, model: str, cluster: str, workload: str) -> Path:
     return Path(results) / "eval" / model / cluster / f"{workload}.parquet"
+
+
+def summary_path(results: Path) -> Path:
+    """The one-page HTML summary of every evaluated experiment."""
+    return Path(results) / "summary.html"

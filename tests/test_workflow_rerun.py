@@ -37,7 +37,7 @@ def test_adding_a_device_type_reruns_its_profile_and_the_cluster_downstream(fini
     with edited(finished_workflow / "conf" / "cluster" / f"{CLUSTER}.yaml", add_device):
         jobs = planned_jobs(finished_workflow)
     n = len(SOLVERS)
-    assert jobs == {"profile": 1, "profile_links": 1, "solve": n, "deploy": n, "evaluate": 1, "all": 1}
+    assert jobs == {"profile": 1, "profile_links": 1, "solve": n, "deploy": n, "evaluate": 1, "summary": 1, "all": 1}
 
 
 def test_changing_the_workload_reruns_solve_and_after(finished_workflow):
@@ -47,7 +47,7 @@ def test_changing_the_workload_reruns_solve_and_after(finished_workflow):
     with edited(finished_workflow / "conf" / "workload" / f"{WORKLOAD}.yaml", shorter):
         jobs = planned_jobs(finished_workflow)
     n = len(SOLVERS)
-    assert jobs == {"solve": n, "deploy": n, "evaluate": 1, "all": 1}
+    assert jobs == {"solve": n, "deploy": n, "evaluate": 1, "summary": 1, "all": 1}
 
 
 def test_changing_the_quality_budget_reruns_that_method_only(finished_workflow):
@@ -56,7 +56,7 @@ def test_changing_the_quality_budget_reruns_that_method_only(finished_workflow):
 
     with edited(finished_workflow / "conf" / "solver" / "llmpq.yaml", budget):
         jobs = planned_jobs(finished_workflow)
-    assert jobs == {"solve": 1, "deploy": 1, "evaluate": 1, "all": 1}
+    assert jobs == {"solve": 1, "deploy": 1, "evaluate": 1, "summary": 1, "all": 1}
 
 
 def test_changing_calibration_text_reruns_quantize_and_calibrate(finished_workflow):
@@ -68,7 +68,7 @@ def test_changing_calibration_text_reruns_quantize_and_calibrate(finished_workfl
     with edited(config_file, fewer_samples):
         jobs = planned_jobs(finished_workflow)
     n = len(SOLVERS)
-    assert jobs == {"quantize": 5, "calibrate": 1, "ppl_map": 1, "solve": n, "deploy": n, "evaluate": 1, "all": 1}
+    assert jobs == {"quantize": 5, "calibrate": 1, "ppl_map": 1, "solve": n, "deploy": n, "evaluate": 1, "summary": 1, "all": 1}
 
 
 def test_an_empty_config_dir_reruns_nothing(finished_workflow, tmp_path):
@@ -84,7 +84,7 @@ def test_a_config_dir_device_override_reruns_that_device_downstream(finished_wor
     (tmp_path / "device" / "cpu.yaml").write_text(yaml.safe_dump({**shipped, "memory_gib": 2.0, "memory_cap_gib": 2.0}))
     jobs = planned_jobs(finished_workflow, "--config", f"config_dir={tmp_path}")
     n = len(SOLVERS)
-    assert jobs == {"solve": n, "deploy": n, "evaluate": 1, "all": 1}
+    assert jobs == {"solve": n, "deploy": n, "evaluate": 1, "summary": 1, "all": 1}
 
 
 def test_a_config_error_exits_2_through_snakemake(finished_workflow, tmp_path):
@@ -96,3 +96,12 @@ def test_a_config_error_exits_2_through_snakemake(finished_workflow, tmp_path):
     assert "reserve_gb: unknown key; did you mean `reserve_gib`?" in out.text
     assert f"{tmp_path}/device/cpu.yaml" in out.text  # the file the key is in, even when inherited
     assert "Traceback" not in out.text
+
+
+def test_report_first_page_shows_the_result(finished_workflow):
+    """The Snakemake report opens on the workflow description, which embeds the summary: table, paragraph, plan."""
+    snakemake(finished_workflow, "--cores", "2", "--report", "report.html")
+    page = (finished_workflow / "report.html").read_text()
+    assert "measured tok/s" in page and "is the fastest here" in page and "data:image/png;base64" in page
+    summary = (finished_workflow / "results" / "summary.html").read_text()
+    assert summary.count("<tr>") == 1 + len(SOLVERS)

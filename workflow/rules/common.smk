@@ -121,13 +121,16 @@ def quality_inputs(model):
     return [str(paths.sensitivity_path(RESULTS, model)), str(paths.ppl_map_path(RESULTS, model))]
 
 
+def eval_targets():
+    """The evaluation table of every experiment whose model has weights here (plans of the others are shape-only)."""
+    return sorted({str(paths.eval_path(RESULTS, m, c, w)) for m, c, w, _ in experiments() if has_weights(m)})
+
+
 def all_targets():
-    targets = set()
-    for model, cluster, workload, solver in experiments():
-        if has_weights(model):
-            targets.add(str(paths.eval_path(RESULTS, model, cluster, workload)))
-        else:
-            targets.add(str(paths.plan_path(RESULTS, model, cluster, workload, solver)))
+    targets = set(eval_targets())
+    targets.update(str(paths.plan_path(RESULTS, m, c, w, s)) for m, c, w, s in experiments() if not has_weights(m))
+    if targets & set(eval_targets()):
+        targets.add(str(paths.summary_path(RESULTS)))
     return sorted(targets)
 
 

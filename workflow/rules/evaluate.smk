@@ -38,3 +38,20 @@ rule evaluate:
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
         "out={output.table} > {log} 2>&1"
+
+
+rule summary:
+    """One page with every experiment's comparison table, plan figure and why the fastest plan wins."""
+    input:
+        evals=lambda wc: eval_targets(),
+    output:
+        page=report(str(paths.summary_path(RESULTS)), caption="../report/summary.rst", category="1. Summary"),
+        body=str(paths.summary_path(RESULTS).with_suffix(".body.html")),  # embedded in the report's first page
+    params:
+        cli=llmpq("summary"),
+    log:
+        "logs/summary.log",
+    conda:
+        "../../envs/llmpq.yaml"
+    shell:
+        "{params.cli} out={output.page} > {log} 2>&1"

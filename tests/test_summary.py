@@ -1,0 +1,48 @@
+"""The summary page: the table, and a paragraph that explains the winner from the plans (or says they are equal)."""
+
+import copy
+
+from llmpq.evaluate.summary import bits_text, partition_text, same_plan, table_html, why_paragraph
+
+
+def plan(bits_per_stage, devices=("cpu-large", "cpu-small"), b_p=4, b_d=4):
+    stages, start = [], 0
+    for device, bits in zip(devices, bits_per_stage):
+        stages.append({"device": device, "layers": [start, start + len(bits)], "bits": list(bits)})
+        start += len(bits)
+    return {"stages": stages, "micro_batch": {"prefill": b_p, "decode": b_d}}
+
+
+def row(method, measured, ppl=24.1):
+    return {"method": method, "measured_tok_s": measured, "predicted_tok_s": measured * 1.2, "perplexity": ppl,
+            "omega": 0.0, "ratio_vs_best_baseline": float("nan")}
+
+
+def test_bits_and_partition_texts():
+    p = plan([[16, 16, 16], [8]])
+    assert bits_text(p) == "3× 16-bit + 1× 8-bit"
+    assert bits_text(plan([[16, 16], [16, 16]])) == "all 16-bit"
+    assert partition_text(p) == "3 + 1 layers on cpu-large, cpu-small"
+
+
+def test_paragraph_names_what_differs():
+    plans = {"llmpq": plan([[16, 16, 16], [16]], b_p=3, b_d=4), "uniform": plan([[8, 8], [8, 8]])}
+    text = why_paragraph(plans, [row("llmpq", 5000.0), row("uniform", 2500.0)])
+    assert "llmpq is the fastest" in text and "2.00× the best baseline, uniform" in text
+    assert "bits (all 16-bit against all 8-bit)" in text
+    assert "partition (3 + 1 layers" in text
+    assert "micro-batches (b_p = 3, b_d = 4 against b_p = 4, b_d = 4)" in text
+
+
+def test_identical_plans_are_not_ranked():
+    p = plan([[16, 16], [16, 16]])
+    plans = {"llmpq": p, "pipeedge": copy.deepcopy(p)}
+    assert same_plan(plans["llmpq"], plans["pipeedge"])
+    text = why_paragraph(plans, [row("llmpq", 3100.0), row("pipeedge", 3000.0)])
+    assert "identical to pipeedge's" in text and "noise" in text
+
+
+def test_table_formats_and_skips_missing():
+    html = table_html([row("llmpq", 5385.6)])
+    assert "<td>5,385.6</td>" in html and "<td>24.10</td>" in html
+    assert "vs best baseline" in html and "<td></td>" in html  # NaN ratio shown empty
