@@ -48,3 +48,8 @@ def run_path(results: Path, model: str, cluster: str, workload: str, solver: str
 
 def eval_path(results: Path, model: str, cluster: str, workload: str) -> Path:
     return Path(results) / "eval" / model / cluster / f"{workload}.parquet"
+
+
+def export_dir(results: Path, model: str, cluster: str, workload: str, solver: str, engine: str) -> Path:
+    """The model directory `llmpq export` writes for a plan and an engine."""
+    return Path(results) / "export" / model / cluster / workload / f"{solver}-{engine}"
