@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from llmpq.cli import main
 from llmpq.config import ConfigError, DeviceSpec, compose_experiment
 from llmpq.export.engine import allowed_bits, plan_violations, quantized_kernel
-from llmpq.export.launch import engine_settings
+from llmpq.export.launch import engine_settings, vllm_script
 from llmpq.export.run import ExportRefused, export_plan
 from llmpq.models.shape import LinearShape
 from llmpq.models.source import model_shape
@@ -29,6 +30,9 @@ CONF = {
     "cluster/mixed-cc.yaml": "name: mixed-cc\nnodes:\n  - {name: n0, devices: {p100-cc: 2, v100-cc: 1}}\npresent: false\n"
                              "links:\n  intra_node: {bandwidth_gbps: 16, latency_us: 10}\n"
                              "  inter_node: {bandwidth_gbps: 1.25, latency_us: 50}\n",
+    "cluster/gpu-one.yaml": "name: gpu-one\nnodes:\n  - {name: local, devices: {v100-cc: 1, t4: 1, a100-cc: 1}}\n"
+                            "present: false\nlinks:\n  intra_node: {bandwidth_gbps: 16, latency_us: 10}\n"
+                            "  inter_node: {bandwidth_gbps: 1.25, latency_us: 50}\n",
     "cluster/gpu-pair.yaml": "name: gpu-pair\nnodes:\n  - {name: n0, devices: {a100-cc: 1}}\n"
                              "  - {name: n1, devices: {v100-cc: 1}}\npresent: false\n"
                              "links:\n  intra_node: {bandwidth_gbps: 16, latency_us: 10}\n"
@@ -145,6 +149,29 @@ def test_engine_settings_map_the_plan_onto_the_engine_knobs(tiny_opt_dir, config
     assert (s.stages, s.partition, s.max_model_len, s.max_num_seqs, s.max_batched_tokens, s.max_running) == \
         (2, (1, 3), S + N, 3, 2 * S, B)
     assert not s.force_generic and not s.multi_node
+
+
+def test_launch_script_puts_each_rank_on_its_gpu(tiny_opt_dir, config_dir, tmp_path):
+    """One node, V100 then T4: CUDA_VISIBLE_DEVICES must list them in stage order, and neither has Marlin, so
+    the generic kernel is forced; two nodes: Ray; all on an A100 (Marlin): no kernel flag, no GPU order."""
+    exp = experiment(tiny_opt_dir, config_dir, "gpu-one")
+
+    def script(stages, nodes=None) -> str:
+        plan = read_plan(write_plan(tmp_path / "p.json", stages, 2, 3, cluster="gpu-one"))
+        if nodes:
+            plan = replace(plan, stages=tuple(replace(s, node=n) for s, n in zip(plan.stages, nodes)))
+        return vllm_script(plan, exp.workload, exp.devices, engine_settings(plan, exp.workload, exp.devices))
+
+    mixed = script([("v100-cc", 0, 2, (8, 4)), ("t4", 2, 4, (4, 16))])
+    assert ': "${CUDA_VISIBLE_DEVICES:?set CUDA_VISIBLE_DEVICES to the GPU indices in stage order: ' \
+           'Tesla_V100-SXM2-32GB, Tesla_T4}"' in mixed
+    assert "--quantization gptq" in mixed and "ray" not in mixed
+    assert "rank 1: t4 (Tesla_T4) on node local, layers 2-3 (2), bits 4 16, kernels fp16/gptq_gemm" in mixed
+    nodes = script([("v100-cc", 0, 2, (16, 16)), ("t4", 2, 4, (16, 16))], ("n0", "n1"))
+    assert "--distributed-executor-backend ray" in nodes and "CUDA_VISIBLE_DEVICES:?" not in nodes
+    assert "--quantization" not in nodes   # nothing quantized
+    marlin = script([("a100-cc", 0, 4, (8, 4, 4, 16))])
+    assert "--quantization" not in marlin and "CUDA_VISIBLE_DEVICES" not in marlin and "kernels fp16/marlin" in marlin
 
 
 def test_solver_engine_is_validated(config_dir):

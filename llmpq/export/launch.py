@@ -70,19 +70,25 @@ def stage_lines(plan: Plan, devices: Mapping[str, DeviceSpec]) -> list[str]:
     return lines
 
 
-def _device_order(plan: Plan, devices: Mapping[str, DeviceSpec]) -> list[str]:
-    """Shell lines that make the user place ranks on the right GPUs (nothing to do when they are alike)."""
-    kinds = {devices[s.device].kind for s in plan.stages}
-    names = [devices[s.device].name for s in plan.stages]
-    if kinds == {"cpu"}:
+def _device_order(plan: Plan, devices: Mapping[str, DeviceSpec], multi_node: bool) -> list[str]:
+    """Lines that make the user place ranks on the right GPUs: on each node, CUDA_VISIBLE_DEVICES in stage
+    order wherever the node's stages run on different GPU types (nothing to do where they are alike)."""
+    if {devices[s.device].kind for s in plan.stages} == {"cpu"}:
         return ["# CPU stages: run with the engine's CPU build (its pipeline parallelism and GPTQ kernels on CPU",
                 "# are not checked by llmpq)."]
-    if len(set(names)) == 1:
+    by_node: dict[str, list[str]] = {}
+    for s in plan.stages:
+        by_node.setdefault(s.node, []).append(devices[s.device].name)
+    mixed = {node: names for node, names in by_node.items() if len(set(names)) > 1}
+    if not mixed:
         return []
-    order = ", ".join(names)
-    return ["# Pipeline rank r runs on the r-th GPU of CUDA_VISIBLE_DEVICES on its node: list the GPUs in stage",
-            f"# order ({order}; indices from `nvidia-smi -L`).",
-            f': "${{CUDA_VISIBLE_DEVICES:?set CUDA_VISIBLE_DEVICES to the GPU indices in stage order: {order}}}"']
+    if not multi_node:
+        order = ", ".join(by_node[plan.stages[0].node])
+        return ["# Pipeline rank r runs on the r-th GPU of CUDA_VISIBLE_DEVICES: list the GPUs in stage order",
+                f"# ({order}; indices from `nvidia-smi -L`).",
+                f': "${{CUDA_VISIBLE_DEVICES:?set CUDA_VISIBLE_DEVICES to the GPU indices in stage order: {order}}}"']
+    return [f"# On node {node}, set CUDA_VISIBLE_DEVICES to its GPUs in stage order ({', '.join(names)}) before "
+            "`ray start`." for node, names in mixed.items()]
 
 
 def _header(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str, DeviceSpec],
@@ -100,7 +106,8 @@ def _header(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[st
                   "# given), and the engine chooses one kernel for the whole model."]
     if settings.multi_node:
         lines += ["# Stages span nodes: start a Ray cluster first (`ray start --head` on the node of rank 0,",
-                  "# `ray start --address=HEAD:6379` on the others); ranks follow the stage order above."]
+                  "# `ray start --address=HEAD:6379` on the others) and run this script on the head node. The engine",
+                  "# places the other nodes' ranks itself: check in its log that each rank got the GPU listed above."]
     return lines + ["set -euo pipefail", 'cd "$(dirname "$0")"']
 
 
@@ -117,7 +124,7 @@ def vllm_script(plan: Plan, workload: WorkloadSpec, devices: Mapping[str, Device
               f"max_num_batched_tokens={settings.max_batched_tokens}"]
     kwargs += ['quantization="gptq"'] if settings.force_generic else []
     kwargs += ['distributed_executor_backend="ray"'] if settings.multi_node else []
-    lines = _header("vllm", plan, workload, devices, settings) + _device_order(plan, devices)
+    lines = _header("vllm", plan, workload, devices, settings) + _device_order(plan, devices, settings.multi_node)
     lines += [f'export {PARTITION_ENV["vllm"]}="{partition}"   # layers per pipeline stage, in stage order',
               'exec vllm serve "$PWD" \\']
     lines += [f"  {a} \\" for a in args] + ['  "$@"', "",
@@ -138,7 +145,7 @@ def sglang_script(plan: Plan, workload: WorkloadSpec, devices: Mapping[str, Devi
             f"--max-running-requests {settings.max_running}",
             f"--chunked-prefill-size {settings.max_batched_tokens}"]
     args += ["--quantization gptq"] if settings.force_generic else []
-    lines = _header("sglang", plan, workload, devices, settings) + _device_order(plan, devices)
+    lines = _header("sglang", plan, workload, devices, settings) + _device_order(plan, devices, settings.multi_node)
     lines += [f'export {PARTITION_ENV["sglang"]}="{partition}"   # layers per pipeline stage, in stage order',
               'exec python -m sglang.launch_server --model-path "$PWD" \\']
     lines += [f"  {a} \\" for a in args] + ['  "$@"']
@@ -182,7 +189,8 @@ def readme(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str
         "",
         "Pipeline rank r runs stage r (the first holds the embedding, the last the head). On one node, rank r "
         "takes the r-th GPU of `CUDA_VISIBLE_DEVICES`: list the GPUs in the order above."
-        + (" Stages span nodes: start Ray on every node first; rank order follows the stage order." if settings.multi_node else ""),
+        + (" Stages span nodes: start Ray on every node first (the script says how) and check in the engine's "
+           "log that each rank got the GPU listed above." if settings.multi_node else ""),
         "",
         "## Micro-batches (an approximation)",
         "",
