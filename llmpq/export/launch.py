@@ -25,6 +25,7 @@ from ..solve.plan import Plan
 from .engine import FP_BITS, MARLIN, quantized_kernel
 
 PARTITION_ENV = {"vllm": "VLLM_PP_LAYER_PARTITION", "sglang": "SGLANG_PP_LAYER_PARTITION"}
+DISPLAY = {"vllm": "vLLM", "sglang": "SGLang"}
 SCRIPTS = {"vllm": "launch.sh", "sglang": "launch_sglang.sh"}
 
 
@@ -94,13 +95,14 @@ def _device_order(plan: Plan, devices: Mapping[str, DeviceSpec], multi_node: boo
 def _header(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str, DeviceSpec],
             settings: EngineSettings) -> list[str]:
     lines = ["#!/usr/bin/env bash",
-             f"# {engine} launch of llmpq plan '{plan.method}': {plan.model} on {plan.cluster}, workload {plan.workload}",
+             f"# {DISPLAY[engine]} launch of llmpq plan '{plan.method}': {plan.model} on {plan.cluster}, workload {plan.workload}",
              f"# (B={workload.batch} prompts of s={workload.prompt_len} tokens, n={workload.gen_len} new tokens each).",
              "# Stage -> device, in pipeline order:"]
     lines += [f"#   {line}" for line in stage_lines(plan, devices)]
     lines += [f"# Micro-batches: the plan prefills b_p={plan.micro_batch_prefill} and decodes b_d={plan.micro_batch_decode} "
               "sequences per micro-batch;",
-              f"# {engine} does not split micro-batches by phase, so the knobs below approximate them (README.md)."]
+              f"# {DISPLAY[engine]} does not split micro-batches by phase, so the knobs below approximate them "
+              "(README.md)."]
     if settings.force_generic:
         lines += ["# --quantization gptq: a stage's device has no Marlin kernel (compute capability < 8.0 or not",
                   "# given), and the engine chooses one kernel for the whole model."]
@@ -155,7 +157,7 @@ def sglang_script(plan: Plan, workload: WorkloadSpec, devices: Mapping[str, Devi
 def readme(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str, DeviceSpec],
            settings: EngineSettings, weight_files: tuple[str, ...], dynamic: Mapping[str, object] | None) -> str:
     """README.md of the directory: what the plan is, how to start it, which GPU each rank needs."""
-    script = SCRIPTS[engine]
+    script, name = SCRIPTS[engine], DISPLAY[engine]
     rows = ["| rank | device | GPU / CPU name | compute capability | node | layers | bits | kernels |",
             "|---:|---|---|---:|---|---|---|---|"]
     for j, s in enumerate(plan.stages):
@@ -163,6 +165,7 @@ def readme(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str
         cc = f"{d.compute_capability:g}" if d.compute_capability else "-"
         rows.append(f"| {j} | {s.device} | {d.name} | {cc} | {s.node} | {s.start}-{s.end - 1} | "
                     f"{' '.join(map(str, s.bits))} | {_kernels(s.bits, d)} |")
+    cpu_only = {devices[s.device].kind for s in plan.stages} == {"cpu"}
     quant = ("All layers are 16-bit: a plain checkpoint, no `quantize_config.json`." if dynamic is None else
              f"`quantize_config.json` (also `quantization_config` in config.json) gives each decoder layer its "
              f"bits in `dynamic` ({len(dynamic)} rules, first match wins; `-:` = left unquantized, 16-bit).")
@@ -170,11 +173,11 @@ def readme(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str
                  f"{plan.latency_source} latency)")
     quality = f"Σω {plan.omega:.3g}" + ("" if plan.ppl_increase is None else f", predicted perplexity +{plan.ppl_increase:.2f}%")
     return "\n".join([
-        f"# {plan.model} for {engine}: llmpq plan `{plan.method}` on `{plan.cluster}`",
+        f"# {plan.model} for {name}: llmpq plan `{plan.method}` on `{plan.cluster}`",
         "",
         f"Exported by llmpq from the plan in `llmpq_plan.json` (workload `{plan.workload}`: B={workload.batch}, "
         f"s={workload.prompt_len}, n={workload.gen_len}). Predicted by llmpq's own cost model for its own runtime: "
-        f"{predicted}; {quality}. {engine} schedules differently, so its throughput will differ.",
+        f"{predicted}; {quality}. {name} schedules differently, so its throughput will differ.",
         "",
         "## Start it",
         "",
@@ -187,15 +190,17 @@ def readme(engine: str, plan: Plan, workload: WorkloadSpec, devices: Mapping[str
         "",
         *rows,
         "",
-        "Pipeline rank r runs stage r (the first holds the embedding, the last the head). On one node, rank r "
-        "takes the r-th GPU of `CUDA_VISIBLE_DEVICES`: list the GPUs in the order above."
+        "Pipeline rank r runs stage r (the first holds the embedding, the last the head). "
+        + (f"CPU stages need {name}'s CPU build (its pipeline parallelism and GPTQ kernels on CPU are not checked "
+           "by llmpq)." if cpu_only else
+           "On one node, rank r takes the r-th GPU of `CUDA_VISIBLE_DEVICES`: list the GPUs in the order above.")
         + (" Stages span nodes: start Ray on every node first (the script says how) and check in the engine's "
            "log that each rank got the GPU listed above." if settings.multi_node else ""),
         "",
         "## Micro-batches (an approximation)",
         "",
         f"The plan prefills b_p={plan.micro_batch_prefill} and decodes b_d={plan.micro_batch_decode} sequences per "
-        f"micro-batch. {engine} does not split micro-batches by phase, so the script maps them onto "
+        f"micro-batch. {name} does not split micro-batches by phase, so the script maps them onto "
         + ("`--max-num-seqs` = b_d (with N stages up to N batches are in flight: at most N·b_d sequences run at "
            "once) and chunked prefill with `--max-num-batched-tokens` = max(b_p·s, b_d)."
            if engine == "vllm" else
