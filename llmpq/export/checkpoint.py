@@ -116,7 +116,11 @@ def _layer_settings(layer: PlannedLayer, linears: Sequence[LinearShape]) -> tupl
 
 
 def quantize_config(layers: Sequence[PlannedLayer], linears: Sequence[LinearShape], root: str) -> dict[str, Any] | None:
-    """The GPTQModel `quantize_config.json` object of the plan (module docstring); None if nothing is quantized."""
+    """The GPTQModel `quantize_config.json` object of the plan (module docstring); None if nothing is quantized.
+
+    `root` is the decoder layers' module path in the causal LM (`model.decoder.layers`): rules match module
+    names of the loaded model, whatever prefix form the checkpoint's tensor names use.
+    """
     quantized = [layer for layer in layers if layer.bits < FP_BITS]
     if not quantized:
         return None

@@ -25,11 +25,12 @@ from typing import Any, Sequence
 from .. import paths
 from ..artifacts import staged_dir
 from ..config import Experiment
+from ..models.shape import DECODER_LAYERS
 from ..models.source import model_dir as source_dir
 from ..models.source import model_shape
 from ..solve.plan import Plan, PlanError, read_plan
-from .checkpoint import DEFAULT_SHARD_BYTES, WrittenWeights, layer_root, planned_layers, quantize_config, \
-    write_configs, write_weights
+from .checkpoint import DEFAULT_SHARD_BYTES, WrittenWeights, planned_layers, quantize_config, write_configs, \
+    write_weights
 from .engine import Violation, check_engine, plan_violations
 from .launch import SCRIPTS, EngineSettings, engine_settings, readme, script_text
 
@@ -95,7 +96,7 @@ def export_plan(exp: Experiment, plan_path: Path, engine: str, out: Path, result
                             plan.quant_group_size, shape.family)
     if violations := plan_violations(*rules, {layer.index: layer.header.linears for layer in layers}):
         raise ExportRefused(where, engine, violations)
-    quant = quantize_config(layers, shape.layer.linears, layer_root(model_dir, shape.family))
+    quant = quantize_config(layers, shape.layer.linears, DECODER_LAYERS[shape.family])
     settings = engine_settings(plan, exp.workload, exp.devices)
     with staged_dir(out) as staging:
         weights = write_weights(staging, model_dir, layers, shape.family, shard_bytes)
