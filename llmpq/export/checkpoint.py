@@ -35,7 +35,7 @@ from .. import __version__
 from ..models.shape import DECODER_LAYERS, LinearShape
 from ..quantize.checkpoint import INDEX_FILE, SINGLE_FILE, checkpoint_keys, read_tensors
 from ..quantize.loader import store_name
-from ..quantize.settings import FP_BITS, LayerHeader, LinearQuant
+from ..quantize.settings import FP_BITS, LayerHeader
 from ..quantize.store import LayerFileError, ManifestRow, layer_file, read_layer_file, read_layer_header, \
     read_manifest, verify_layer_file
 from .engine import effective_group_size
