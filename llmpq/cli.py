@@ -33,9 +33,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "deploy": ("llmpq.runtime.launch:cli_deploy", "run a plan (plan=PATH) with one process per stage"),
     "evaluate": ("llmpq.evaluate.run:cli_evaluate", "compare methods: measured vs predicted, perplexity, plots"),
     "summary": ("llmpq.evaluate.summary:cli_summary", "one HTML page with every evaluated experiment's result"),
+    "export": ("llmpq.export.run:cli_export", "write a plan (plan=PATH) as an engine's model directory and launch "
+                                              "script (engine=vllm|sglang out=DIR)"),
 }
 
-RESERVED = ("out", "plan", "device", "bits", "indicator", "results")
+RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "engine")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class VerbArgs:
     device: str | None = None
     bits: int | None = None
     indicator: str | None = None
+    engine: str | None = None
     results: Path = Path("results")
     config_dir: str | None = None
     overrides: tuple[str, ...] = ()
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             out=Path(reserved["out"]) if "out" in reserved else None,
             plan=Path(reserved["plan"]) if "plan" in reserved else None,
             device=reserved.get("device"), bits=bits, indicator=reserved.get("indicator"),
+            engine=reserved.get("engine"),
             results=results, config_dir=args.config_dir, overrides=tuple(overrides),
         )
         module, func = VERBS[args.verb][0].split(":")

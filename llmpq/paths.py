@@ -53,3 +53,8 @@ def eval_path(results: Path, model: str, cluster: str, workload: str) -> Path:
 def summary_path(results: Path) -> Path:
     """The one-page HTML summary of every evaluated experiment."""
     return Path(results) / "summary.html"
+
+
+def export_dir(results: Path, model: str, cluster: str, workload: str, solver: str, engine: str) -> Path:
+    """The model directory `llmpq export` writes for a plan and an engine."""
+    return Path(results) / "export" / model / cluster / workload / f"{solver}-{engine}"

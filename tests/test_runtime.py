@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import time
 from pathlib import Path
@@ -62,11 +64,17 @@ def experiment(tiny_opt_dir: Path, config_dir: Path, cluster: str = "local-cpu")
     return compose_experiment([f"model.source={tiny_opt_dir}", f"cluster={cluster}", *WORKLOAD], config_dir=config_dir)
 
 
+@functools.cache
+def workload_name() -> str:
+    """The name `WORKLOAD`'s overrides give the workload (an overridden workload is named after its content)."""
+    return compose_experiment(WORKLOAD).workload.name
+
+
 def write_plan(path: Path, stages: list[tuple[str, int, int, tuple[int, ...]]], b_p: int, b_d: int,
                cluster: str = "local-cpu", scheme: str = "gptq") -> Path:
     """A hand-made plan (stages: device, start, end, bits) with made-up predictions."""
     memory = StageMemoryPlan(1, 1, 1, 1, 1, 1, 0, 1 << 30)
-    plan = Plan(method="test", model="tiny-opt", cluster=cluster, workload="s64-n16-b8", quant_scheme=scheme,
+    plan = Plan(method="test", model="tiny-opt", cluster=cluster, workload=workload_name(), quant_scheme=scheme,
                 quant_group_size=128, micro_batch_prefill=b_p, micro_batch_decode=b_d,
                 stages=tuple(StagePlan(d, "local", a, b, bits, memory, 2.0, 1.0) for d, a, b, bits in stages),
                 prefill_s=0.01, decode_s=0.02, throughput_tok_s=1000.0, bottleneck_stage=0, omega=0.0,

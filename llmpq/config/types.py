@@ -32,6 +32,7 @@ class DeviceSpec:
     efficiency: Efficiency = Efficiency()
     threads: int | None = None
     memory_cap_gib: float | None = None
+    compute_capability: float | None = None   # GPUs: e.g. 8.0 for an A100; None for CPUs or when not given
     slurm: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -116,6 +117,7 @@ class SolverSpec:
     budget_from: str | None = None
     theta: float = 0.0
     decode_points: int = 3
+    engine: str | None = None      # plan only what this inference engine runs fast (llmpq.export.engine)
 
 
 @dataclass(frozen=True)

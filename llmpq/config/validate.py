@@ -24,6 +24,7 @@ KNOWN_METHODS = ("llmpq", "pipeedge", "uniform", "adabits", "heuristic")
 KNOWN_BACKENDS = ("highs", "cbc")
 KNOWN_SCHEMES = ("gptq", "rtn")
 KNOWN_FAMILIES = ("opt", "bloom", "llama", "qwen2", "mistral")
+KNOWN_ENGINES = ("vllm", "sglang")
 
 
 class Reader:
@@ -129,6 +130,7 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
         efficiency=efficiency,
         threads=threads,
         memory_cap_gib=r.get("memory_cap_gib", float, None, positive),
+        compute_capability=r.get("compute_capability", float, None, positive),
         slurm=dict(r.get("slurm", Mapping, {})),
     )
     r.finish()
@@ -221,6 +223,7 @@ def solver_spec(file: str, data: Mapping[str, Any]) -> SolverSpec:
         budget_from=r.get("budget_from", str, None, one_of(KNOWN_METHODS)),
         theta=r.get("theta", float, 0.0, non_negative),
         decode_points=r.get("decode_points", int, 3, positive),
+        engine=r.get("engine", str, None, one_of(KNOWN_ENGINES)),
     )
     budgets = [k for k in ("max_ppl_increase", "max_omega", "budget_from") if getattr(spec, k) is not None]
     if len(budgets) > 1:

@@ -27,6 +27,11 @@ def _files_by_key(model_dir: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
+def checkpoint_keys(model_dir: str | Path) -> list[str]:
+    """Every tensor name of the checkpoint in `model_dir`, sorted (nothing is read but the headers)."""
+    return sorted(_files_by_key(Path(model_dir)))
+
+
 def read_tensors(model_dir: str | Path, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in `model_dir` whose key satisfies `keep`, read from disk on demand."""
     by_file: dict[Path, list[str]] = {}

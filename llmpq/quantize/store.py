@@ -83,6 +83,20 @@ def read_layer_file(path: str | Path) -> tuple[LayerHeader, dict[str, torch.Tens
         raise LayerFileError(f"{path}: unreadable layer file ({exc})") from None
 
 
+def read_layer_header(path: str | Path) -> LayerHeader:
+    """The header of one layer file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerFileError(f"{path}: layer file not found")
+    try:
+        with safe_open(path, "pt") as f:
+            return LayerHeader.from_metadata(f.metadata(), str(path))
+    except LayerFileError:
+        raise
+    except Exception as exc:
+        raise LayerFileError(f"{path}: unreadable layer file ({exc})") from None
+
+
 def write_manifest(store_dir: str | Path, rows: list[ManifestRow], meta: Mapping[str, str]) -> Path:
     """Write `manifest.parquet` of a store directory (validated against the `quant_manifest` schema)."""
     ordered = sorted(rows, key=lambda r: r.layer)

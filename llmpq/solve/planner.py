@@ -5,20 +5,22 @@
 `costmodel.estimate` and the highest predicted throughput wins (ties: MILP before heuristic before
 baseline, then a fixed order). `pipeedge`, `uniform`, `adabits`: their rules (`baselines`).
 `heuristic`: the heuristic on the best-bounded branches. The whole solve, baselines included, shares
-`solver.time_limit_s`.
+`solver.time_limit_s`. With `solver.engine` (vllm, sglang) every method plans only the bit-widths that
+engine runs fast on each device (`llmpq.export.engine.restrict_devices`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llmpq.config import Experiment
 from llmpq.costmodel.context import CostContext, build_context
 from llmpq.costmodel.estimate import Estimate, estimate
+from llmpq.export.engine import restrict_devices
 
 from .baselines import BASELINES, run_baseline
 from .candidate import Candidate
@@ -138,6 +140,10 @@ def solve(exp: Experiment, results: Path, *, ctx: CostContext | None = None, ome
     if ppl_map is None:
         ppl_map = load_ppl_map_if_any(Path(results), exp.model.name)
     bits = tuple(sorted(exp.model.bits, reverse=True))
+    if exp.solver.engine is not None:  # only the bit-widths that engine runs fast, per device
+        ctx = replace(ctx, devices=restrict_devices(ctx.devices, exp.solver.engine, ctx.shape.layer.linears,
+                                                    ctx.quant.group_size))
+        bits = tuple(b for b in bits if any(b in d.bits for d in ctx.devices.values()))
     if omega is None:
         wanted = indicator or (getattr(ppl_map, "indicator", None) if ppl_map is not None else None)
         omega = load_omega(Path(results), exp.model.name, ctx.shape, bits, wanted)
