@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, compose_experiment
+from .data.prompts import PromptsError
 
 VERBS: dict[str, tuple[str, str]] = {
     "config": ("llmpq.cli:print_config", "print the composed, validated config"),
@@ -27,10 +28,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "solve": ("llmpq.solve.run:cli_solve", "plan partition, bits and micro-batches for model x cluster x workload"),
     "explain": ("llmpq.solve.explain:cli_explain", "print a plan (plan=PATH) as a table"),
     "deploy": ("llmpq.runtime.launch:cli_deploy", "run a plan (plan=PATH) with one process per stage"),
+    "generate": ("llmpq.generate.run:cli_generate", "the batch job: completions for a prompts file (prompts=FILE)"),
     "evaluate": ("llmpq.evaluate.run:cli_evaluate", "compare methods: measured vs predicted, perplexity, plots"),
 }
 
-RESERVED = ("out", "plan", "device", "bits", "indicator", "results")
+RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "prompts")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class VerbArgs:
     device: str | None = None
     bits: int | None = None
     indicator: str | None = None
+    prompts: Path | None = None
     results: Path = Path("results")
     config_dir: str | None = None
     overrides: tuple[str, ...] = ()
@@ -91,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             out=Path(reserved["out"]) if "out" in reserved else None,
             plan=Path(reserved["plan"]) if "plan" in reserved else None,
             device=reserved.get("device"), bits=bits, indicator=reserved.get("indicator"),
+            prompts=Path(reserved["prompts"]) if "prompts" in reserved else None,
             results=results, config_dir=args.config_dir, overrides=tuple(overrides),
         )
         module, func = VERBS[args.verb][0].split(":")
         return int(getattr(importlib.import_module(module), func)(exp, verb_args) or 0)
+    except PromptsError as exc:
+        print(f"llmpq {args.verb}: input error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"llmpq {args.verb}: config error: {exc}", file=sys.stderr)
         return 2
