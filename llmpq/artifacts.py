@@ -77,6 +77,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("method", pa.string()), ("measured_tok_s", pa.float64()), ("predicted_tok_s", pa.float64()),
         ("prefill_rel_error", pa.float64()), ("decode_rel_error", pa.float64()), ("perplexity", pa.float64()),
         ("omega", pa.float64()), ("ratio_vs_best_baseline", pa.float64()),
+        # the batch job on the workload's prompts file (llmpq generate), NaN where it has not run
+        ("generate_tok_s", pa.float64()), ("generate_predicted_tok_s", pa.float64()),
+        ("generate_rel_error", pa.float64()),
     ]),
     # eval_stages: per method and stage, memory the plan predicted and the run measured against capacity
     "eval_stages": pa.schema([
