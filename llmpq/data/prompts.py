@@ -150,9 +150,9 @@ class TokenizedPrompt:
 
 def _encode(tokenizer: ChatTokenizer, row: PromptRow) -> list[int]:
     if row.prompt is not None:
-        return list(tokenizer(row.prompt)["input_ids"]) if row.prompt.strip() else []
+        return list(tokenizer(row.prompt, verbose=False)["input_ids"]) if row.prompt.strip() else []
     text = tokenizer.apply_chat_template(list(row.messages or ()), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def tokenize_prompts(path: str | Path, rows: Sequence[PromptRow], tokenizer: ChatTokenizer, limit: int,
