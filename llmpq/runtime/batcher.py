@@ -5,16 +5,18 @@ Prompts wait in a queue, longest first (ties in input order), so that a prefill 
 of similar lengths and pads little. A sequence ends at an end-of-sequence id (`stop: eos`) or after
 `max_new_tokens`. Two modes:
 
-- `continuous` (compaction and refill): a finished sequence leaves its slot as soon as its token is back;
-  a group's next decode step holds only its running sequences, and its free slots are refilled from the
-  queue in the same turn (prefill micro-batches of at most b_p prompts, over the free slots of every group
-  that is between steps), so the pipeline keeps B sequences in flight until the queue runs dry.
+- `continuous` (compaction and refill): a finished sequence leaves its slot as soon as its token is back,
+  and free slots are refilled from the queue at once (prefill micro-batches of at most b_p prompts over the
+  free slots in slot order, issued before the decode steps of the same pass, so that on a FIFO ring they
+  come back first); a group's next decode step holds only its running sequences whose last step is back,
+  so a refilled row joins its group's next turn without holding it up. The pipeline keeps B sequences in
+  flight until the queue runs dry.
 - `static` (the deploy schedule applied wave by wave): B prompts are prefilled in micro-batches of b_p,
   each group decodes all of its rows, finished or not, until every row of the group has finished, and
   the next wave starts when the whole wave has.
 
-A group has at most one step in flight and starts its next one only when every step touching its slots
-has come back, so a sequence's tokens come back in order. Everything is a function of the returned
+A group has at most one decode step in flight and a row at most one step, so a sequence's tokens come
+back in order; in static mode a group also waits for all of its rows' prefills. Everything is a function of the returned
 tokens, never of timing: the same prompts and tokens give the same steps.
 """
 
@@ -81,7 +83,9 @@ class Batcher:
         self.queue = deque(sorted(range(len(self.prompts)), key=lambda i: (-len(self.prompts[i]), i)))
         self.slots: list[Running | None] = [None] * batch
         self.groups = [range(g, min(g + b_d, batch)) for g in range(0, batch, b_d)]
+        self.b_d = b_d
         self.pending: list[int | None] = [None] * batch      # the step in flight on each slot
+        self.decoding = [False] * len(self.groups)            # a decode step of the group is in flight
         self.in_flight: dict[int, StepSpec] = {}
         self.steps = 0
 
@@ -98,10 +102,14 @@ class Batcher:
             self.pending[slot] = step.index
         return step
 
-    def _decode(self, group: range) -> StepSpec | None:
-        rows = [s for s in group if (r := self.slots[s]) is not None]
+    def _decode(self, g: int) -> StepSpec | None:
+        if self.mode == "continuous":
+            rows = [s for s in self.groups[g] if self.slots[s] is not None and self.pending[s] is None]
+        else:
+            rows = [s for s in self.groups[g] if self.slots[s] is not None]
         if not rows or all(self.slots[s].finish is not None for s in rows):  # type: ignore[union-attr]
             return None
+        self.decoding[g] = True
         seqs = [self.slots[s] for s in rows]
         layout = RowLayout(tuple(rows), tuple(r.pad for r in seqs), tuple(r.end for r in seqs), 1)  # type: ignore[union-attr]
         return self._new_step("decode", layout, [r.index for r in seqs], [(r.tokens[-1],) for r in seqs])  # type: ignore[union-attr]
@@ -122,20 +130,23 @@ class Batcher:
         return steps
 
     def issue(self) -> list[StepSpec]:
-        """Every step that may start now: decode steps of the idle groups, then prefills into free slots."""
-        idle = [g for g in self.groups if all(self.pending[s] is None for s in g)]
-        steps = [step for g in idle if (step := self._decode(g)) is not None]
+        """Every step that may start now: prefills into free slots, then decode steps of the idle groups."""
         if self.mode == "continuous":
-            free = [s for g in idle for s in g if self.slots[s] is None]
+            steps = self._prefill([s for s in range(self.batch) if self.slots[s] is None])
+            idle = [g for g in range(len(self.groups)) if not self.decoding[g]]
         else:
-            free = list(range(self.batch)) if not self.in_flight and all(s is None for s in self.slots) else []
-        return steps + self._prefill(free)
+            free = not self.in_flight and all(s is None for s in self.slots)
+            steps = self._prefill(list(range(self.batch)) if free else [])
+            idle = [g for g, group in enumerate(self.groups) if all(self.pending[s] is None for s in group)]
+        return steps + [step for g in idle if (step := self._decode(g)) is not None]
 
     def complete(self, index: int, tokens: Sequence[int]) -> list[Finished]:
         """Apply the token ids step `index` returned (one per row); the sequences that ended with them."""
         step = self.in_flight.pop(index)
         if len(tokens) != step.layout.rows:
             raise ValueError(f"step {index} has {step.layout.rows} rows, got {len(tokens)} tokens")
+        if step.phase == "decode":
+            self.decoding[step.layout.slots[0] // self.b_d] = False
         ended = []
         for slot, token in zip(step.layout.slots, tokens):
             run = self.slots[slot]

@@ -9,23 +9,46 @@ learns each step from its header, runs its layers over its KV cache (`RaggedView
 and masks) and passes the result on; the last computes the greedy token of each row and sends the ids
 back to the first. When the batcher is done, the first stage sends a stop message for every receive
 its neighbour has posted; each stage forwards them and exits.
+
+Step messages, the prefill payloads that follow them and token ids travel on three process groups, so
+that each stream stays in order by itself: NCCL matches point-to-point messages in posting order and
+ignores tags, and the step receives are posted ahead of any payload.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from datetime import timedelta
 from typing import Callable
 
 import torch
 
 from .batcher import Batcher, Finished
+import torch.distributed as dist
+
 from .comm import Pending, Ring
 from .kvcache import StageKVCache
 from .measure import StageClock
 from .parts import StageModel
 from .rows import RaggedView, RowLayout, row_tensors
 from .wire import KINDS, PHASE_OF, STOP, Wire
+
+
+class GenerateRing(Ring):
+    """The ring of a batch job: the deploy ring's two groups (steps forward, token ids back) and a third for
+    the prefill payloads that follow their step messages."""
+
+    def __init__(self, rank: int, world: int, clock: StageClock, device: torch.device, timeout: timedelta):
+        super().__init__(rank, world, clock, device, timeout)
+        self.payloads = dist.new_group(list(range(world)), timeout=timeout)
+
+    def post_payload(self, nbytes: int, tag: int) -> Pending:
+        """Receive a step's prefill hidden states (bytes) from the previous stage."""
+        return self._post((nbytes,), torch.uint8, self.rank - 1, tag, self.payloads)
+
+    def send_payload(self, payload: torch.Tensor, tag: int) -> None:
+        self._send(payload, self.rank + 1, tag, self.payloads)
 
 
 def window_size(batch: int, b_p: int, b_d: int) -> int:
@@ -37,7 +60,7 @@ class GenerateLoop:
     """One stage of a batch job: its model part, KV cache, clock, message geometry and ring links."""
 
     def __init__(self, model: StageModel, cache: StageKVCache, clock: StageClock, wire: Wire,
-                 ring: Ring | None, window: int):
+                 ring: GenerateRing | None, window: int):
         if ring is None and not (model.first and model.last):
             raise ValueError("a stage without ring links must hold the whole model")
         self.model, self.cache, self.clock, self.wire, self.ring, self.window = model, cache, clock, wire, ring, window
@@ -65,9 +88,9 @@ class GenerateLoop:
     def _send_step(self, kind: int, index: int, layout: RowLayout | None, hidden: torch.Tensor | None) -> None:
         assert self.ring is not None
         message, payload = self.wire.encode(kind, index, layout, hidden, self.model.device)
-        self.ring.send_hidden(message, 2 * index)
+        self.ring.send_hidden(message, index)
         if payload is not None:
-            self.ring.send_hidden(payload, 2 * index + 1)
+            self.ring.send_payload(payload, index)
 
     def _send_stops(self, first_index: int) -> None:
         for index in range(first_index, first_index + self.window):
@@ -101,7 +124,7 @@ class GenerateLoop:
         """Relay steps until the stop message (every stage but the first)."""
         ring, wire, model = self.ring, self.wire, self.model
         assert ring is not None and not model.first
-        posted = deque((i, ring.post_hidden((wire.capacity,), torch.uint8, 2 * i)) for i in range(self.window))
+        posted = deque((i, ring.post_hidden((wire.capacity,), torch.uint8, i)) for i in range(self.window))
         next_post = self.window
         while True:
             index, pending = posted.popleft()
@@ -120,9 +143,9 @@ class GenerateLoop:
             if header.inline:
                 hidden = wire.inline_hidden(message, header)
             else:
-                payload = ring.post_hidden((wire.payload_bytes(header),), torch.uint8, 2 * index + 1)
+                payload = ring.post_payload(wire.payload_bytes(header), index)
                 hidden = wire.payload_hidden(self._wait(payload, phase)[0], header)
-            posted.append((next_post, ring.post_hidden((wire.capacity,), torch.uint8, 2 * next_post)))
+            posted.append((next_post, ring.post_hidden((wire.capacity,), torch.uint8, next_post)))
             next_post += 1
             assert header.layout is not None
             out, ids = self.compute(phase, header.layout, hidden)

@@ -27,7 +27,7 @@ from ..generate.progress import Progress
 from ..profile.timing import torch_threads
 from .batcher import Batcher, Finished
 from .caps import MemoryCapError, cap_violation
-from .genloop import GenerateLoop, window_size
+from .genloop import GenerateLoop, GenerateRing, window_size
 from .job import StageSpec
 from .kvcache import StageKVCache, cache_shape
 from .measure import StageClock, memory_stats
@@ -155,11 +155,9 @@ def run_generate_stage(job: GenerateJob, place: Placement, init_dist: bool = Tru
         clock = StageClock(device)
         ring = None
         if place.world > 1:
-            from .comm import Ring
-
             if init_dist:
                 _init_process_group(job, place, device)  # type: ignore[arg-type]
-            ring = Ring(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
+            ring = GenerateRing(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
         wire = Wire(max(job.micro_batch_prefill, job.micro_batch_decode), model.hidden, dtype,
                     exact=job.backend == "nccl")
         loop = GenerateLoop(model, cache, clock, wire, ring,
