@@ -9,7 +9,10 @@
 - `predicted_tokens_per_s`: the plan's prediction for the file's planning shape (B prompts in flight, s = the
   mean prompt, n = max_new_tokens for every prompt); `rel_error` = (measured − predicted) / predicted of the
   continuous run. The prediction assumes every sequence runs to n: where sequences stop early, measured
-  tokens/s falls below it by design (fewer tokens per sequence, the same per-sequence prefill).
+  tokens/s falls below it by design (fewer tokens per sequence, the same per-sequence prefill), so the job is
+  also run with `stop: none` (`tokens_per_s_no_eos`, `rel_error_no_eos`: what the prediction describes).
+- `steps`, `compute_s` per mode: steps through the pipeline and compute time summed over the stages (medians):
+  under load from other processes these vary less than wall time.
 
 The prompts: N windows of 8–120 tokens cut from the held-out play (seeded), as a JSONL prompts file. The
 model: tiny-opt with a line break added to its end-of-sequence ids, because tiny-opt never learned to
@@ -101,7 +104,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -121,13 +124,17 @@ def main() -> int:
             raise RuntimeError("llmpq solve failed")
         plan = read_plan(plan_path)
         exp = compose_experiment(overrides)
-        rows: dict[str, list[dict]] = {"continuous": [], "static": []}
+        exp_no_eos = compose_experiment(overrides + ["workload.stop=none"])
+        rows: dict[str, list[dict]] = {"continuous": [], "static": [], "no_eos": []}
         completions = None
         for r in range(args.repeats):
             for mode in rows:
                 out = work / f"{mode}-{r}.jsonl"
-                result = generate(exp, plan_path, out, None, GenerateOptions(mode=mode, progress=False), args.results)
+                options = GenerateOptions(mode="continuous" if mode == "no_eos" else mode, progress=False)
+                result = generate(exp_no_eos if mode == "no_eos" else exp, plan_path, out, None, options, args.results)
                 rows[mode].append(result.row)
+                if mode == "no_eos":
+                    continue
                 lines = [(x["id"], x["completion"]) for x in load_output(out)]
                 completions = completions or lines
                 same = sum(a == b for a, b in zip(lines, completions))
@@ -146,6 +153,10 @@ def main() -> int:
         "prompts_per_s_static": statistics.median(x["prompts_per_s"] for x in rows["static"]),
         "wall_s_static": statistics.median(x["wall_s"] for x in rows["static"]),
         "speedup_continuous_vs_static": best["continuous"] / best["static"],
+        "tokens_per_s_no_eos": best["no_eos"],
+        "rel_error_no_eos": (best["no_eos"] - predicted) / predicted,
+        "steps": {m: statistics.median(x["steps"] for x in runs) for m, runs in rows.items()},
+        "compute_s": {m: statistics.median(x["compute_s"] for x in runs) for m, runs in rows.items()},
         "generated_tokens": cont["generated_tokens"],
         "eos_stops": cont["eos_stops"],
         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch": args.batch, "eos_ids": eos,
@@ -163,7 +174,8 @@ def main() -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"batch_job: {args.prompts} prompts, {len(plan.stages)}-stage {plan.method} plan: "
           f"{record['tokens_per_s']:.0f} tok/s, {record['prompts_per_s']:.1f} prompts/s in {record['wall_s']:.2f} s "
-          f"(predicted {predicted:.0f} tok/s, {record['rel_error']:+.0%}); static {record['tokens_per_s_static']:.0f} "
+          f"(predicted {predicted:.0f} tok/s, {record['rel_error']:+.0%}; without EOS {record['tokens_per_s_no_eos']:.0f} "
+          f"tok/s, {record['rel_error_no_eos']:+.0%}); static {record['tokens_per_s_static']:.0f} "
           f"tok/s (x{record['speedup_continuous_vs_static']:.2f} continuous) -> {args.out}")
     return 0
 

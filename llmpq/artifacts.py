@@ -70,6 +70,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("prompt_tokens", pa.int64()), ("generated_tokens", pa.int64()), ("eos_stops", pa.int64()),
         ("wall_s", pa.float64()), ("tokens_per_s", pa.float64()), ("prompts_per_s", pa.float64()),
         ("predicted_tokens_per_s", pa.float64()), ("rel_error", pa.float64()),
+        ("steps", pa.int64()), ("compute_s", pa.float64()), ("wait_s", pa.float64()),  # steps run; Σ over stages
         ("plan_sha256", pa.string()), ("prompts_sha256", pa.string()),
     ]),
     # eval: per method, measured against predicted, and quality

@@ -137,8 +137,10 @@ def planned_positions(plan: Plan, exp: Experiment) -> int | None:
     return exp.workload.kv_len if exp.workload.prompts_file is None else None
 
 
-def run_rows(job: GenerateJob, plan: Plan, report: GenerateReport, identity: OutputIdentity) -> dict[str, Any]:
-    """One `generate_runs` row for a finished run."""
+def run_rows(job: GenerateJob, plan: Plan, reports: list[GenerateReport], identity: OutputIdentity) -> dict[str, Any]:
+    """One `generate_runs` row for a finished run (counts from the first stage, compute and wait summed over
+    every stage)."""
+    report = reports[0]
     wall = report.wall_s
     tok_s = report.tokens / wall if wall > 0 else 0.0
     predicted = plan.throughput_tok_s
@@ -150,6 +152,9 @@ def run_rows(job: GenerateJob, plan: Plan, report: GenerateReport, identity: Out
         "generated_tokens": report.tokens, "eos_stops": report.eos, "wall_s": wall, "tokens_per_s": tok_s,
         "prompts_per_s": report.prompts / wall if wall > 0 else 0.0, "predicted_tokens_per_s": predicted,
         "rel_error": (tok_s - predicted) / predicted if predicted else math.nan,
+        "steps": report.steps,
+        "compute_s": sum(p["compute_ms"] for r in reports for p in r.phases.values()) / 1e3,
+        "wait_s": sum(p["wait_ms"] for r in reports for p in r.phases.values()) / 1e3,
         "plan_sha256": identity.plan_sha256, "prompts_sha256": identity.prompts_sha256,
     }
 
@@ -159,9 +164,9 @@ def _append_row(path: Path, row: dict[str, Any], meta: dict[str, str]) -> None:
     write_table("generate_runs", rows + [row], path, meta)
 
 
-def _launch(job: GenerateJob, mode: str) -> GenerateReport:
+def _launch(job: GenerateJob, mode: str) -> list[GenerateReport]:
     if mode == "inprocess":
-        return run_generate_stage(job, Placement(0, 1, 0), init_dist=False)
+        return [run_generate_stage(job, Placement(0, 1, 0), init_dist=False)]
     world = len(job.stages)
     cmd, env = launch_command(mode, world, job.write(Path(job.workdir) / "job.json"), os.environ, GENERATE_MODULE)
     code = _run(cmd, env)
@@ -170,7 +175,7 @@ def _launch(job: GenerateJob, mode: str) -> GenerateReport:
     missing = [r for r in range(world) if not job.report_path(r).is_file()]
     if missing:
         raise DeployError(f"stages {missing} finished without a report")
-    return GenerateReport.read(job.report_path(0))
+    return [GenerateReport.read(job.report_path(r)) for r in range(world)]
 
 
 def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: str | Path | None = None,
@@ -203,6 +208,7 @@ def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: s
                                                               "eos_token_id (use stop: none)")
     identity = OutputIdentity(plan_sha256(plan_path), found.stats.sha256, w.gen_len, w.stop, eos, w.overlong)
     ids = [p.id for p in found.prompts]
+    out.parent.mkdir(parents=True, exist_ok=True)
     state = prepare_output(out, identity, ids, options.on_change)
     if state.final:
         return GenerateResult(out, len(ids), len(ids), None, None)
@@ -226,10 +232,11 @@ def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: s
                 total=len(ids), done_before=len(state.done), token_ids=options.token_ids, progress=options.progress,
                 wave_pause_s=options.wave_pause_s, backend="gloo" if specs[0].kind == "cpu" else "nccl",
                 timeout_s=options.timeout_s, verify=options.verify)
-            report = _launch(job, mode)
+            reports = _launch(job, mode)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        row = run_rows(job, plan, report, identity)
+        report = reports[0]
+        row = run_rows(job, plan, reports, identity)
         meta = provenance(exp.config_hash, device=",".join(s.device for s in specs), plan=str(plan_path),
                           launcher=mode, options=vars(options))
     finalize_output(out, ids)
@@ -260,7 +267,6 @@ def cli_generate(exp: Experiment, args: Any) -> int:
     key = (results, exp.model.name, exp.cluster.name, exp.workload.name, exp.solver.name)
     plan_path = args.plan or paths.plan_path(*key)
     out = args.out or paths.output_path(*key)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     options = GenerateOptions.from_raw(exp.raw.get("generate"))
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
