@@ -32,7 +32,7 @@ from typing import Any, Mapping
 from .. import paths
 from ..artifacts import provenance, read_table, write_table
 from ..config import Experiment
-from ..data.prompts import PromptsError
+from ..data.prompts import PromptsError, TokenizedPrompt
 from ..models.shape import shape_from_config
 from ..models.source import hf_config_dict, model_dir
 from ..runtime.batcher import MODES
@@ -178,6 +178,24 @@ def _launch(job: GenerateJob, mode: str) -> list[GenerateReport]:
     return [GenerateReport.read(job.report_path(r)) for r in range(world)]
 
 
+def build_job(exp: Experiment, plan: Plan, specs: list[StageSpec], weights: Path, results: Path, workdir: Path,
+              found: PromptsInput, todo: list[TokenizedPrompt], eos: tuple[int, ...], out: Path, done_before: int,
+              options: GenerateOptions) -> GenerateJob:
+    """The job of a checked plan and prompts file: its stages, the prompts still to do, the settings."""
+    w = exp.workload
+    return GenerateJob(
+        method=plan.method, model_dir=str(weights.resolve()),
+        quant_root=str(paths.quant_root(results, exp.model.name).resolve()), scheme=plan.quant_scheme,
+        stages=tuple(specs), workdir=str(workdir.resolve()), micro_batch_prefill=plan.micro_batch_prefill,
+        micro_batch_decode=plan.micro_batch_decode, batch=w.batch, max_new_tokens=w.gen_len,
+        max_len=found.stats.max_tokens + w.gen_len, eos=eos,
+        pad_id=int(hf_config_dict(exp.model).get("pad_token_id") or 0), mode=options.mode,
+        prompts=tuple(p.ids for p in todo), ids=tuple(p.id for p in todo), truncated=tuple(p.truncated for p in todo),
+        partial=str(partial_path(out).resolve()), total=len(found.prompts), done_before=done_before,
+        token_ids=options.token_ids, progress=options.progress, wave_pause_s=options.wave_pause_s,
+        backend="gloo" if specs[0].kind == "cpu" else "nccl", timeout_s=options.timeout_s, verify=options.verify)
+
+
 def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: str | Path | None = None,
              options: GenerateOptions | None = None, results: str | Path = "results") -> GenerateResult:
     """Run the plan at `plan_path` over a prompts file (default: the workload's) into `out` (module docstring)."""
@@ -219,19 +237,9 @@ def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: s
         if mode == "torchrun":
             specs = [StageSpec(**{**vars(s), "cuda_index": i}) for s, i in zip(specs, cuda_assignment(specs))]
         workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.generate-", dir=out.parent))
-        config = hf_config_dict(exp.model)
         try:
-            job = GenerateJob(
-                method=plan.method, model_dir=str(weights.resolve()),
-                quant_root=str(paths.quant_root(Path(results), exp.model.name).resolve()), scheme=plan.quant_scheme,
-                stages=tuple(specs), workdir=str(workdir.resolve()), micro_batch_prefill=plan.micro_batch_prefill,
-                micro_batch_decode=plan.micro_batch_decode, batch=w.batch, max_new_tokens=w.gen_len,
-                max_len=found.stats.max_tokens + w.gen_len, eos=eos, pad_id=int(config.get("pad_token_id") or 0),
-                mode=options.mode, prompts=tuple(p.ids for p in todo), ids=tuple(p.id for p in todo),
-                truncated=tuple(p.truncated for p in todo), partial=str(partial_path(out).resolve()),
-                total=len(ids), done_before=len(state.done), token_ids=options.token_ids, progress=options.progress,
-                wave_pause_s=options.wave_pause_s, backend="gloo" if specs[0].kind == "cpu" else "nccl",
-                timeout_s=options.timeout_s, verify=options.verify)
+            job = build_job(exp, plan, specs, weights, Path(results), workdir, found, todo, eos, out, len(state.done),
+                            options)
             reports = _launch(job, mode)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
