@@ -170,8 +170,10 @@ def run_generate_stage(job: GenerateJob, place: Placement, init_dist: bool = Tru
             batcher = Batcher(job.prompts, job.batch, job.micro_batch_prefill, job.micro_batch_decode,
                               job.max_new_tokens, job.eos, job.mode, job.pad_id)
             start = time.perf_counter()
-            loop.run_first(batcher, sink)
-            sink.close()
+            try:
+                loop.run_first(batcher, sink)
+            finally:
+                sink.close()  # completions finished before a failure are kept too
             counts = {"prompts": sink.prompts, "tokens": sink.tokens, "eos": sink.eos,
                       "wall_s": time.perf_counter() - start}
         else:
