@@ -1,4 +1,4 @@
-"""llmpq workflow: tiny_model -> profile -> quantize -> calibrate -> ppl_map -> solve -> deploy -> evaluate."""
+"""llmpq workflow: tiny_model -> profile -> quantize -> calibrate -> ppl_map -> solve -> deploy (+ generate) -> evaluate."""
 
 from snakemake.utils import min_version
 
@@ -18,6 +18,7 @@ include: "workflow/rules/quantize.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/solve.smk"
 include: "workflow/rules/deploy.smk"
+include: "workflow/rules/generate.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -61,11 +61,26 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("weights_bytes", pa.int64()), ("kv_bytes", pa.int64()), ("peak_memory_bytes", pa.int64()),
         ("rss_bytes", pa.int64()), ("planned_memory_bytes", pa.int64()), ("capacity_bytes", pa.int64()),
     ]),
+    # generate_runs: one row per finished `llmpq generate` run (a resumed job adds a row per run); counts
+    # are this run's, tokens_per_s = generated_tokens / wall_s, predicted from the plan (llmpq.generate.run)
+    "generate_runs": pa.schema([
+        ("method", pa.string()), ("mode", pa.string()), ("stages", pa.int32()), ("batch", pa.int32()),
+        ("micro_batch_prefill", pa.int32()), ("micro_batch_decode", pa.int32()), ("max_new_tokens", pa.int32()),
+        ("prompts_total", pa.int64()), ("prompts_resumed", pa.int64()), ("prompts", pa.int64()),
+        ("prompt_tokens", pa.int64()), ("generated_tokens", pa.int64()), ("eos_stops", pa.int64()),
+        ("wall_s", pa.float64()), ("tokens_per_s", pa.float64()), ("prompts_per_s", pa.float64()),
+        ("predicted_tokens_per_s", pa.float64()), ("rel_error", pa.float64()),
+        ("steps", pa.int64()), ("compute_s", pa.float64()), ("wait_s", pa.float64()),  # steps run; Σ over stages
+        ("plan_sha256", pa.string()), ("prompts_sha256", pa.string()),
+    ]),
     # eval: per method, measured against predicted, and quality
     "eval": pa.schema([
         ("method", pa.string()), ("measured_tok_s", pa.float64()), ("predicted_tok_s", pa.float64()),
         ("prefill_rel_error", pa.float64()), ("decode_rel_error", pa.float64()), ("perplexity", pa.float64()),
         ("omega", pa.float64()), ("ratio_vs_best_baseline", pa.float64()),
+        # the batch job on the workload's prompts file (llmpq generate), NaN where it has not run
+        ("generate_tok_s", pa.float64()), ("generate_predicted_tok_s", pa.float64()),
+        ("generate_rel_error", pa.float64()),
     ]),
     # eval_stages: per method and stage, memory the plan predicted and the run measured against capacity
     "eval_stages": pa.schema([

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, compose_experiment
 from .data.text import SourceUnavailableError
+from .data.prompts import PromptsError
 
 VERBS: dict[str, tuple[str, str]] = {
     "config": ("llmpq.cli:print_config", "print the composed, validated config"),
@@ -31,13 +32,14 @@ VERBS: dict[str, tuple[str, str]] = {
     "solve": ("llmpq.solve.run:cli_solve", "plan partition, bits and micro-batches for model x cluster x workload"),
     "explain": ("llmpq.solve.explain:cli_explain", "print a plan (plan=PATH) as a table"),
     "deploy": ("llmpq.runtime.launch:cli_deploy", "run a plan (plan=PATH) with one process per stage"),
+    "generate": ("llmpq.generate.run:cli_generate", "the batch job: completions for a prompts file (prompts=FILE)"),
     "evaluate": ("llmpq.evaluate.run:cli_evaluate", "compare methods: measured vs predicted, perplexity, plots"),
     "summary": ("llmpq.evaluate.summary:cli_summary", "one HTML page with every evaluated experiment's result"),
     "export": ("llmpq.export.run:cli_export", "write a plan (plan=PATH) as an engine's model directory and launch "
                                               "script (engine=vllm|sglang out=DIR)"),
 }
 
-RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "engine")
+RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "engine", "prompts")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class VerbArgs:
     bits: int | None = None
     indicator: str | None = None
     engine: str | None = None
+    prompts: Path | None = None
     results: Path = Path("results")
     config_dir: str | None = None
     overrides: tuple[str, ...] = ()
@@ -124,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             plan=Path(reserved["plan"]) if "plan" in reserved else None,
             device=reserved.get("device"), bits=bits, indicator=reserved.get("indicator"),
             engine=reserved.get("engine"),
+            prompts=Path(reserved["prompts"]) if "prompts" in reserved else None,
             results=results, config_dir=args.config_dir, overrides=tuple(overrides),
         )
         module, func = VERBS[args.verb][0].split(":")
         return int(getattr(importlib.import_module(module), func)(exp, verb_args) or 0)
+    except PromptsError as exc:
+        if args.debug:
+            raise
+        print(f"llmpq {args.verb}: input error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         if args.debug:
             raise

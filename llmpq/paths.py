@@ -46,6 +46,11 @@ def run_path(results: Path, model: str, cluster: str, workload: str, solver: str
     return Path(results) / "runs" / model / cluster / workload / f"{solver}.parquet"
 
 
+def output_path(results: Path, model: str, cluster: str, workload: str, solver: str) -> Path:
+    """The completions of a batch job (`llmpq generate`): one JSONL line per prompt."""
+    return Path(results) / "outputs" / model / cluster / workload / f"{solver}.jsonl"
+
+
 def eval_path(results: Path, model: str, cluster: str, workload: str) -> Path:
     return Path(results) / "eval" / model / cluster / f"{workload}.parquet"
 

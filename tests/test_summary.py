@@ -45,4 +45,6 @@ def test_identical_plans_are_not_ranked():
 def test_table_formats_and_skips_missing():
     html = table_html([row("llmpq", 5385.6)])
     assert "<td>5,385.6</td>" in html and "<td>24.10</td>" in html
-    assert "vs best baseline" in html and "<td></td>" in html  # NaN ratio shown empty
+    assert "vs best baseline" not in html and "batch job" not in html  # columns with no value anywhere
+    html = table_html([{**row("llmpq", 5385.6), "ratio_vs_best_baseline": 1.5}, row("uniform", 3000.0)])
+    assert "vs best baseline" in html and "<td>1.50×</td>" in html and "<td></td>" in html

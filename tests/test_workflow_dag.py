@@ -10,6 +10,7 @@ from workflow_support import ROOT, planned_jobs, snakemake
 @pytest.fixture
 def empty_workdir(tmp_path):
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
     return tmp_path
 
 
@@ -19,8 +20,9 @@ def test_default_dag(empty_workdir):
     assert counts["tiny_model"] == 1
     assert counts["profile"] == 2                 # cpu-large and cpu-small
     assert counts["quantize"] == 5                # bits 16, 8, 4, 3, 2
-    assert counts["solve"] == counts["deploy"] == 4
-    assert counts["evaluate"] == 1
+    assert counts["solve"] == counts["deploy"] == 4 + 2   # s64-n16-b8 x 4 methods, example-prompts x 2
+    assert counts["generate"] == 2                # the batch job on examples/prompts.jsonl, per method
+    assert counts["evaluate"] == 2
 
 
 @pytest.mark.slow

@@ -99,11 +99,38 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
+    """An offline batch job: B prompts in flight, n tokens generated per prompt, prompts of s tokens.
+
+    `prompts` names a text source to sample s-token prompts from, or a prompts file (`prompts_file`;
+    `llmpq.data.prompts` has the rule). For a prompts file the config gives `max_new_tokens` (n) and no s:
+    `prompt_len` is 0 until `llmpq.generate.planning` derives it from the file (the mean prompt, for
+    time) together with `max_prompt_len` (the longest prompt, for memory).
+    """
+
     name: str
-    prompt_len: int
-    gen_len: int
-    batch: int
+    prompt_len: int                     # s (tokens per prompt); for a prompts file the planning length
+    gen_len: int                        # n; for a prompts file its max_new_tokens
+    batch: int                          # B: prompts in flight
     prompts: str = "shakespeare"
+    stop: str = "eos"                   # eos: a sequence ends at the model's end-of-sequence token; none: at n
+    overlong: str = "error"             # prompts over the context: error | truncate_left
+    max_prompt_len: int | None = None   # the longest prompt (KV cache, buffers); None: prompt_len
+    kind: str = "source"                # source (sampled prompts) | file (a prompts file)
+
+    @property
+    def prompts_file(self) -> str | None:
+        """The prompts file's path, or None for a sampled workload."""
+        return self.prompts if self.kind == "file" else None
+
+    @property
+    def longest_prompt(self) -> int:
+        """The longest prompt the job may hold (tokens): what memory is planned for."""
+        return self.max_prompt_len if self.max_prompt_len is not None else self.prompt_len
+
+    @property
+    def kv_len(self) -> int:
+        """Cache positions one sequence may need: the longest prompt + n."""
+        return self.longest_prompt + self.gen_len
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import difflib
 import os
 from typing import Any, Callable, Mapping
 
+from ..data.prompt_source import OVERLONG_MODES, STOP_MODES, prompts_kind
 from .errors import ConfigError
 from .types import (
     ClusterSpec,
@@ -198,15 +199,38 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
     return spec
 
 
+def _prompts_kind(value: str) -> str | None:
+    try:
+        prompts_kind(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def workload_spec(file: str, data: Mapping[str, Any]) -> WorkloadSpec:
+    """A sampled workload (prompt_len, gen_len, batch, prompts: a text source) or a prompts-file workload
+    (prompts: a .jsonl/.parquet path, max_new_tokens, batch); stop and overlong for either."""
     r = Reader(file, data)
-    spec = WorkloadSpec(
-        name=r.get("name", str),
-        prompt_len=r.get("prompt_len", int, check=positive),
-        gen_len=r.get("gen_len", int, check=positive),
-        batch=r.get("batch", int, check=positive),
-        prompts=r.get("prompts", str, "shakespeare"),
-    )
+    prompts = r.get("prompts", str, "shakespeare", _prompts_kind)
+    kind = prompts_kind(prompts)
+    common = {"name": r.get("name", str), "batch": r.get("batch", int, check=positive), "prompts": prompts,
+              "stop": r.get("stop", str, "eos", one_of(STOP_MODES)),
+              "overlong": r.get("overlong", str, "error", one_of(OVERLONG_MODES)), "kind": kind}
+    if kind == "file":
+        for key in ("prompt_len", "gen_len"):
+            if data.get(key) is not None:
+                raise r.fail(key, "not used with a prompts file (prompt lengths come from the file; "
+                                  "the tokens to generate are max_new_tokens)")
+        spec = WorkloadSpec(prompt_len=0, gen_len=r.get("max_new_tokens", int, check=positive), **common)
+        r.allow("prompt_len", "gen_len")
+        r.finish()
+        return spec
+    if data.get("max_new_tokens") is not None:
+        raise r.fail("max_new_tokens", "only for a prompts file (prompts: PATH.jsonl); a sampled workload "
+                                       "generates gen_len tokens")
+    spec = WorkloadSpec(prompt_len=r.get("prompt_len", int, check=positive),
+                        gen_len=r.get("gen_len", int, check=positive), **common)
+    r.allow("max_new_tokens")
     r.finish()
     return spec
 

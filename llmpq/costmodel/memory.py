@@ -151,7 +151,7 @@ def activations_bytes(shape: ModelShape, device: DeviceSpec, workload: WorkloadS
     """
     if scores_materialized is None:
         scores_materialized = materializes_scores(shape)
-    s, n = workload.prompt_len, workload.gen_len
+    s, n = workload.longest_prompt, workload.gen_len
     prefill = activation_peak_bytes(shape, device, b_p, s, s, scores_materialized=scores_materialized)
     decode = activation_peak_bytes(shape, device, b_d, 1, s + n, scores_materialized=scores_materialized)
     return max(prefill, decode) + dequant_workspace_bytes(shape, device)
@@ -164,7 +164,7 @@ def buffers_bytes(shape: ModelShape, device: DeviceSpec, workload: WorkloadSpec,
     Hidden payload = max(b_p·s, b_d) · hidden · dtype; token ids = max(b_p, b_d) · 8. The first stage
     receives token ids (from the last), the last sends them; every other end moves hidden states.
     """
-    hidden = max(b_p * workload.prompt_len, b_d) * shape.hidden * dtype_bytes(device)
+    hidden = max(b_p * workload.longest_prompt, b_d) * shape.hidden * dtype_bytes(device)
     ids = max(b_p, b_d) * TOKEN_ID_BYTES
     return (ids if first else hidden) + (ids if last else hidden)
 
@@ -214,9 +214,13 @@ def kv_sequences(workload: WorkloadSpec, b_d: int) -> int:
 def stage_memory(shape: ModelShape, device: DeviceSpec, bits: Sequence[int], workload: WorkloadSpec, b_p: int,
                  b_d: int, quant: QuantSpec, *, first: bool, last: bool, head_on_first: bool = False,
                  scores_materialized: bool | None = None) -> StageMemory:
-    """M_j = fixed + Σ_{i in stage} (W_i(b_i) + KV_i(K_d·b_d sequences, s + n)) (bytes)."""
+    """M_j = fixed + Σ_{i in stage} (W_i(b_i) + KV_i(K_d·b_d sequences, s + n)) (bytes).
+
+    Memory terms take s as the workload's longest prompt (`WorkloadSpec.longest_prompt`: prompt_len for a
+    sampled workload, the longest prompt of a prompts file), time terms its planning length.
+    """
     fixed = stage_fixed_memory(shape, device, workload, b_p, b_d, first=first, last=last,
                                head_on_first=head_on_first, scores_materialized=scores_materialized)
     weights = sum(layer_weight_bytes(shape, b, quant, device) for b in bits)
-    kv = len(bits) * layer_kv_bytes(shape, kv_sequences(workload, b_d), workload.prompt_len + workload.gen_len, device)
+    kv = len(bits) * layer_kv_bytes(shape, kv_sequences(workload, b_d), workload.kv_len, device)
     return replace(fixed, weights_bytes=weights, kv_bytes=kv)

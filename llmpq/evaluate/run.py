@@ -1,16 +1,21 @@
-"""`llmpq evaluate`: every method's plan and run for one model x cluster x workload, side by side."""
+"""`llmpq evaluate`: every method's plan and run for one model x cluster x workload, side by side.
+
+Where `llmpq generate` has run a method's plan over the workload's prompts file, its measured tokens/s
+(Σ generated tokens / Σ wall time over the `generate_runs` rows) stands beside the plan's prediction.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.compute as pc
 
 from .. import paths
 from ..artifacts import provenance, read_table, write_table, write_text
+from ..generate.outputs import runs_path
 from . import plots
 
 BASELINES = ("pipeedge", "uniform", "adabits")
@@ -27,6 +32,25 @@ class MethodResult:
     decode_rel_error: float
     perplexity: float
     omega: float
+    generate_tok_s: float = math.nan
+    generate_predicted_tok_s: float = math.nan
+    generate_rel_error: float = math.nan
+
+
+def generate_throughput(rows: list[dict]) -> float:
+    """Measured tokens/s of a batch job over all its recorded runs: Σ generated tokens / Σ wall time."""
+    wall = sum(r["wall_s"] for r in rows)
+    return sum(r["generated_tokens"] for r in rows) / wall if wall > 0 else math.nan
+
+
+def with_generate(result: MethodResult, plan: dict, generate_runs: Path) -> MethodResult:
+    """The method's result with its batch job's measured and predicted tokens/s, if the job has run."""
+    if not generate_runs.is_file():
+        return result
+    measured = generate_throughput(read_table("generate_runs", generate_runs).to_pylist())
+    predicted = float(plan["predicted"]["throughput_tok_s"])
+    return replace(result, generate_tok_s=measured, generate_predicted_tok_s=predicted,
+                   generate_rel_error=rel_error(measured, predicted))
 
 
 def _phase_wall_ms(runs, phase: str) -> float:
@@ -84,6 +108,12 @@ def summary_markdown(title: str, results: list[MethodResult], ratios: dict[str, 
         ratio = ratios.get(r.method, math.nan)
         lines.append(f"| {r.method} | {r.measured_tok_s:.1f} | {r.predicted_tok_s:.1f} | {r.prefill_rel_error:+.1%} | "
                      f"{r.decode_rel_error:+.1%} | {r.perplexity:.2f} | {r.omega:.3g} | {'' if ratio != ratio else f'{ratio:.2f}x'} |")
+    jobs = [r for r in results if r.generate_tok_s == r.generate_tok_s]
+    if jobs:
+        lines += ["", "Batch job on the prompts file (llmpq generate):", "",
+                  "| method | measured tok/s | predicted tok/s | error |", "|---|---:|---:|---:|"]
+        lines += [f"| {r.method} | {r.generate_tok_s:.1f} | {r.generate_predicted_tok_s:.1f} | "
+                  f"{r.generate_rel_error:+.1%} |" for r in jobs]
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +147,8 @@ def cli_evaluate(exp, args) -> int:
         plans[method] = plan
         ppl = _plan_perplexity(plan_file, weights, spec, token_ids, args.results, model, ppl_of)
         runs = read_table("runs", run_file)
-        results.append(method_result(method, plan, runs, ppl))
+        job = runs_path(paths.output_path(args.results, model, cluster, workload, method))
+        results.append(with_generate(method_result(method, plan, runs, ppl), plan, job))
         stage_rows.extend(stage_memory_rows(method, plan, runs))
         print(f"evaluated {method}: {results[-1].measured_tok_s:.1f} tok/s measured, perplexity {ppl:.2f}", flush=True)
     if not results:

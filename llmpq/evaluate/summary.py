@@ -30,6 +30,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (  # (eval column, header, format)
     ("perplexity", "perplexity", "{:.2f}"),
     ("omega", "Σω", "{:.3g}"),
     ("ratio_vs_best_baseline", "vs best baseline", "{:.2f}×"),
+    ("generate_tok_s", "batch job tok/s", "{:,.1f}"),
+    ("generate_predicted_tok_s", "batch job predicted", "{:,.1f}"),
 )
 
 
@@ -101,7 +103,10 @@ def _cell(value: Any, fmt: str) -> str:
 
 def table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison table (columns present in the eval rows, in `COLUMNS` order)."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    def shown(value: Any) -> bool:
+        return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+    cols = [c for c in COLUMNS if c[0] == "method" or any(shown(r.get(c[0])) for r in rows)]
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
     body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(k), f)}</td>" for k, _, f in cols) + "</tr>" for r in rows)
     return f'<table class="result"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'

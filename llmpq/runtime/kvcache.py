@@ -27,6 +27,14 @@ class CacheShape:
     head_dim: int
 
 
+def cache_shape(config: Any, first_layer: int, layers: int, sequences: int, max_len: int) -> CacheShape:
+    """The cache geometry of a stage of the model with HF config `config` (kv heads and head size from it)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return CacheShape(first_layer, layers, sequences, kv_heads, max_len, head_dim)
+
+
 class StageKVCache:
     """Keys and values of every layer of one stage, preallocated: [layers, sequences, kv_heads, max_len, head_dim]."""
 

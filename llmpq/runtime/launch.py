@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 from .. import paths
 from ..artifacts import provenance, write_table
 from ..config import Experiment
+from ..generate.planning import planning_experiment
 from ..solve.plan import Plan, read_plan
 from .caps import MemoryCapError, check_caps, planned_memory
 from .job import RunJob, StageSpec
@@ -109,7 +110,7 @@ def check_plan(exp: Experiment, plan: Plan, num_layers: int, max_positions: int,
         raise ValueError(f"{where}: devices {unknown} are not in cluster {exp.cluster.name}")
     if plan.num_layers != num_layers:
         raise ValueError(f"{where}: plan covers {plan.num_layers} layers, model {exp.model.name} has {num_layers}")
-    need = exp.workload.prompt_len + exp.workload.gen_len
+    need = exp.workload.kv_len
     if need > max_positions:
         raise ValueError(f"{where}: workload {exp.workload.name} needs {need} positions, model {exp.model.name} "
                          f"has {max_positions}")
@@ -150,14 +151,16 @@ def stage_specs(exp: Experiment, plan: Plan, shape: Any) -> list[StageSpec]:
 
 
 def sample_prompts_for(exp: Experiment, model_dir: Path, seed: int) -> list[list[int]]:
-    """B real prompts of s tokens from the workload's text source, tokenised with the model's tokenizer."""
+    """B real prompts of s tokens from the workload's text source (the default source for a prompts-file
+    workload, whose s is its planning length), tokenised with the model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from ..data.text import sample_prompts
+    from ..data.text import default_source, sample_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     w = exp.workload
-    return sample_prompts(w.prompts, tokenizer, w.batch, w.prompt_len, seed=seed)
+    source = default_source() if w.prompts_file else w.prompts
+    return sample_prompts(source, tokenizer, w.batch, w.prompt_len, seed=seed)
 
 
 def allocation_tasks(env: Mapping[str, str]) -> int | None:
@@ -203,18 +206,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_command(mode: str, world: int, job_path: Path, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The command that starts `world` stage processes, and its environment."""
+def launch_command(mode: str, world: int, job_path: Path, env: Mapping[str, str],
+                   module: str = STAGE_MODULE) -> tuple[list[str], dict[str, str]]:
+    """The command that starts `world` processes of the stage entry point `module`, and its environment."""
     child = dict(env)
     child.setdefault("OMP_NUM_THREADS", "1")
-    stage = [sys.executable, "-m", STAGE_MODULE, str(job_path)]
+    stage = [sys.executable, "-m", module, str(job_path)]
     if mode == "srun":
         child.setdefault("MASTER_ADDR", first_slurm_node(env))
         child.setdefault("MASTER_PORT", str(free_port()))
         return ["srun", "--kill-on-bad-exit=1", "-n", str(world), *stage], child
     if mode == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                f"--nproc-per-node={world}", "--max-restarts=0", "-m", STAGE_MODULE, str(job_path)], child
+                f"--nproc-per-node={world}", "--max-restarts=0", "-m", module, str(job_path)], child
     raise ValueError(f"unknown launch mode {mode!r}")
 
 
@@ -270,6 +274,7 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
     from ..models.source import hf_config_dict, model_dir
 
     options = options or DeployOptions()
+    exp = planning_experiment(exp)[0]
     out, plan_path = Path(out), Path(plan_path)
     plan = read_plan(plan_path)
     weights = model_dir(exp.model)

@@ -25,6 +25,7 @@ from ..quantize.checkpoint import read_tensors
 from ..quantize.loader import load_quantized_layer, store_name
 from ..quantize.store import read_manifest
 from .kvcache import CacheView
+from .rows import RaggedView, RowTensors
 
 
 @dataclass(frozen=True)
@@ -134,14 +135,16 @@ class StageModel:
                 seen[(str(t.device), t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
         return sum(seen.values())
 
-    def embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """Hidden states [b, q, hidden] of token ids [b, q] at positions pos .. pos + q − 1 (first stage)."""
+    def embed(self, ids: torch.Tensor, pos: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [b, q, hidden] of token ids [b, q] at positions pos .. pos + q − 1, or at per-row
+        `positions` [b, q] (first stage)."""
         x = self.ends[self.family.embed[0]](ids)
         if self.family.kind == "opt":
             project_in = self.ends.get("model.decoder.project_in")
             if project_in is not None:
                 x = project_in(x)
-            positions = self._positions(ids.shape[0], ids.shape[1], pos)
+            if positions is None:
+                positions = self._positions(ids.shape[0], ids.shape[1], pos)
             x = x + self.ends["model.decoder.embed_positions"](None, position_ids=positions)
         elif self.family.kind == "alibi":
             x = self.ends["transformer.word_embeddings_layernorm"](x)
@@ -168,9 +171,22 @@ class StageModel:
             kwargs["position_embeddings"] = self.rotary(hidden, positions)
         return kwargs
 
-    def run_layers(self, hidden: torch.Tensor, cache: CacheView) -> torch.Tensor:
-        """The stage's decoder layers on `hidden` [b, q, hidden], reading and extending `cache`."""
-        kwargs = self._layer_kwargs(hidden, cache.pos)
+    def _row_kwargs(self, hidden: torch.Tensor, rows: RowTensors) -> dict[str, Any]:
+        """Layer arguments for rows of different lengths (`llmpq.runtime.rows`): per-row positions and mask."""
+        mask = rows.additive_mask(hidden.dtype)
+        if self.family.kind == "alibi":
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+            return {"alibi": build_alibi_tensor(rows.key_valid, self.heads, hidden.dtype), "attention_mask": mask}
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": rows.positions}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, rows.positions)
+        return kwargs
+
+    def run_layers(self, hidden: torch.Tensor, cache: CacheView | RaggedView, rows: RowTensors | None = None) -> torch.Tensor:
+        """The stage's decoder layers on `hidden` [b, q, hidden], reading and extending `cache`; with `rows`,
+        each row at its own positions behind its own mask (a `RaggedView` cache)."""
+        kwargs = self._layer_kwargs(hidden, cache.pos) if rows is None else self._row_kwargs(hidden, rows)
         kwargs[self.cache_keyword] = cache
         for layer in self.layers:
             out = layer(hidden, use_cache=True, **kwargs)

@@ -25,7 +25,7 @@ import torch
 from ..artifacts import write_text
 from .caps import MemoryCapError, cap_violation
 from .job import RunJob, StageSpec
-from .kvcache import CacheShape, StageKVCache
+from .kvcache import StageKVCache, cache_shape
 from .measure import StageClock, memory_stats
 from .parts import load_stage
 from ..profile.timing import torch_threads
@@ -101,13 +101,9 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
     with torch_threads(spec.threads), torch.inference_mode():
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify)
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         sequences = -(-job.batch // job.micro_batch_decode) * job.micro_batch_decode
-        cache = StageKVCache(CacheShape(spec.start, spec.end - spec.start, sequences, kv_heads,
-                                        job.prompt_len + job.gen_len, head_dim), dtype, device)
+        cache = StageKVCache(cache_shape(model.config, spec.start, spec.end - spec.start, sequences,
+                                         job.prompt_len + job.gen_len), dtype, device)
         clock = StageClock(device)
         ring = None
         if place.world > 1:

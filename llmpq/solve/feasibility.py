@@ -38,7 +38,7 @@ def memory_message(cache: CostCache) -> str:
     ctx = cache.ctx
     text = (f"model {ctx.shape.family} with {ctx.shape.num_layers} layers needs {need / GIB:.3g} GiB at the lowest "
             f"bits ({low}-bit weights + KV cache for {ctx.workload.batch} sequences of "
-            f"{ctx.workload.prompt_len + ctx.workload.gen_len} tokens + embedding/head), "
+            f"{ctx.workload.kv_len} tokens + embedding/head), "
             f"cluster {ctx.cluster.name} has {room / GIB:.3g} GiB")
     if need <= room:
         text += (" in total, but no arrangement fits: stages hold whole layers, and the first and last stages "

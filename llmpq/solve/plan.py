@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..costmodel.memory import StageMemory as StageMemoryPlan  # one record of a stage's memory parts
+from ..data.prompts import PromptStats
 
 SCHEMA_VERSION = 1
 STATUSES = ("optimal", "feasible", "infeasible", "timeout")
@@ -45,6 +46,25 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
+class PlanPrompts:
+    """The prompts file a plan was made for (a workload with `prompts: PATH`): its sha256 and the length
+    statistics the planning shape came from, and n."""
+
+    stats: PromptStats
+    max_new_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.stats.to_dict()
+        data["mean_tokens"] = _round(data["mean_tokens"])
+        return {**data, "planning_len": self.stats.planning_len, "max_new_tokens": self.max_new_tokens}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "PlanPrompts":
+        names = PromptStats.__dataclass_fields__
+        return PlanPrompts(PromptStats(**{k: data[k] for k in names}), int(data["max_new_tokens"]))
+
+
+@dataclass(frozen=True)
 class Plan:
     """A solved plan (the contract between solve, deploy, evaluate); see workflow/schemas/plan.schema.json."""
 
@@ -71,6 +91,7 @@ class Plan:
     gap: float | None
     plan_source: str
     schema_version: int = SCHEMA_VERSION
+    prompts: PlanPrompts | None = None
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -92,7 +113,7 @@ def _round(x: float | None) -> float | None:
 
 def to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as the JSON object of the schema (floats rounded)."""
-    return {
+    data = {
         "schema_version": plan.schema_version,
         "method": plan.method,
         "model": plan.model,
@@ -113,6 +134,9 @@ def to_dict(plan: Plan) -> dict[str, Any]:
         "solver": {"status": plan.status, "objective": _round(plan.objective), "gap": _round(plan.gap),
                    "plan_source": plan.plan_source},
     }
+    if plan.prompts is not None:
+        data["prompts"] = plan.prompts.to_dict()
+    return data
 
 
 def to_json(plan: Plan) -> str:
@@ -197,6 +221,14 @@ def validate_dict(data: Mapping[str, Any], where: str) -> None:
     _need(solver, "objective", num, f"{where}.solver", nullable=True)
     _need(solver, "gap", num, f"{where}.solver", nullable=True)
     _one_of(_need(solver, "plan_source", str, f"{where}.solver"), PLAN_SOURCES, f"{where}.solver.plan_source")
+    if "prompts" in data:
+        prompts = _need(data, "prompts", dict, where)
+        _need(prompts, "sha256", str, f"{where}.prompts")
+        for key in ("count", "min_tokens", "p50_tokens", "p90_tokens", "max_tokens", "truncated", "planning_len",
+                    "max_new_tokens"):
+            if _need(prompts, key, int, f"{where}.prompts") < 0:
+                raise PlanError(f"{where}.prompts.{key}: must be >= 0")
+        _need(prompts, "mean_tokens", num, f"{where}.prompts")
 
 
 def from_dict(data: Mapping[str, Any], where: str = "plan") -> Plan:
@@ -221,7 +253,8 @@ def from_dict(data: Mapping[str, Any], where: str = "plan") -> Plan:
         omega=float(q["omega"]), ppl_increase=opt(q["ppl_increase"]), budget=opt(q["budget"]),
         latency_source=data["sources"]["latency"], omega_source=data["sources"]["omega"],
         status=solver["status"], objective=opt(solver["objective"]), gap=opt(solver["gap"]),
-        plan_source=solver["plan_source"], schema_version=data["schema_version"])
+        plan_source=solver["plan_source"], schema_version=data["schema_version"],
+        prompts=PlanPrompts.from_dict(data["prompts"]) if "prompts" in data else None)
 
 
 def read_plan(path: str | Path) -> Plan:

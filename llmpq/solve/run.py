@@ -2,12 +2,15 @@
 
 Writes `<out>` (default `results/plans/{model}/{cluster}/{workload}/{solver}.json`, canonical JSON),
 `<out stem>.parquet` (the `plan_layers` table) and `<out stem>.meta.json` (solve time, host, counters).
+A workload with a prompts file is planned for the file's shape (`llmpq.generate.planning`) and the plan
+records the file's sha256 and statistics.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,9 @@ from typing import Any
 from llmpq import __version__, paths
 from llmpq.artifacts import provenance, write_table, write_text
 from llmpq.config import Experiment
+from llmpq.generate.planning import planning_experiment
 
-from .plan import Plan, layer_rows, layers_path, meta_path, to_json
+from .plan import Plan, PlanPrompts, layer_rows, layers_path, meta_path, to_json
 from .planner import SolveOutcome, solve
 
 
@@ -44,7 +48,10 @@ def summary(outcome: SolveOutcome, out: Path) -> str:
 
 def cli_solve(exp: Experiment, args: Any) -> int:
     """`llmpq solve model=M cluster=C workload=W solver=S [out=PATH] [indicator=NAME]`."""
+    exp, prompts = planning_experiment(exp)
     outcome = solve(exp, Path(args.results), indicator=getattr(args, "indicator", None))
+    if prompts is not None:
+        outcome.plan = replace(outcome.plan, prompts=PlanPrompts(prompts.stats, exp.workload.gen_len))
     out = args.out or paths.plan_path(Path(args.results), exp.model.name, exp.cluster.name, exp.workload.name,
                                       exp.solver.name)
     write_plan(outcome.plan, out, outcome.meta, exp.config_hash)

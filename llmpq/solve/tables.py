@@ -73,7 +73,7 @@ class CostCache:
         def make() -> int:
             dev = ctx.devices[stem]
             return (mem.layer_weight_bytes(ctx.shape, bits, ctx.quant, dev)
-                    + mem.layer_kv_bytes(ctx.shape, mem.kv_sequences(w, b_d), w.prompt_len + w.gen_len, dev))
+                    + mem.layer_kv_bytes(ctx.shape, mem.kv_sequences(w, b_d), w.kv_len, dev))
         return self._get(("lb", stem, bits, b_d), make)
 
     def fixed_memory(self, stem: str, b_p: int, b_d: int, *, first: bool, last: bool) -> mem.StageMemory:

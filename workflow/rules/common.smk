@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from llmpq.config import ConfigError, ConfigSearch, compose_experiment, load_device
 from llmpq.config.compose import CONFIG_DIR_ENV
+from llmpq.data.prompts import file_sha256
 
 RESULTS = Path(config.get("results_dir", "results"))
 CONFIG_DIR = config.get("config_dir")
@@ -113,6 +114,25 @@ def links_for(cluster):
 def quant_manifests(model):
     spec = experiment(model, "local-cpu").model
     return [str(paths.quant_manifest_path(RESULTS, model, spec.quant.scheme, b)) for b in spec.bits]
+
+
+def prompts_file_of(model, cluster, workload):
+    """The workload's prompts file as an input ([] for a workload that samples its prompts)."""
+    found = experiment(model, cluster, workload).workload.prompts_file
+    return [found] if found else []
+
+
+def prompts_sha256(model, cluster, workload):
+    """sha256 of the workload's prompts file ("" if none): a param, so a changed file reruns solve and after."""
+    found = prompts_file_of(model, cluster, workload)
+    return file_sha256(found[0]) if found and Path(found[0]).is_file() else ""
+
+
+def generate_outputs(model, cluster, workload, solvers):
+    """The batch job's runs tables, for a workload with a prompts file (evaluate compares them)."""
+    if not prompts_file_of(model, cluster, workload):
+        return []
+    return [str(paths.output_path(RESULTS, model, cluster, workload, s).with_suffix(".runs.parquet")) for s in solvers]
 
 
 def quality_inputs(model):

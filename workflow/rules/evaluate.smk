@@ -15,6 +15,8 @@ rule evaluate:
                           for s in solvers_of(wc.model, wc.cluster, wc.workload)],
         runs=lambda wc: [str(paths.run_path(RESULTS, wc.model, wc.cluster, wc.workload, s))
                          for s in solvers_of(wc.model, wc.cluster, wc.workload)],
+        generated=lambda wc: generate_outputs(wc.model, wc.cluster, wc.workload,
+                                              solvers_of(wc.model, wc.cluster, wc.workload)),
     output:
         table=str(paths.eval_path(RESULTS, "{model}", "{cluster}", "{workload}")),
         summary=figure("{model}", "{cluster}", "{workload}", "summary.md"),

@@ -5,6 +5,7 @@ rule solve:
         links=lambda wc: links_for(wc.cluster),
         quality=lambda wc: quality_inputs(wc.model),
         weights=lambda wc: model_weights(wc.model),
+        prompts=lambda wc: prompts_file_of(wc.model, wc.cluster, wc.workload),
     output:
         plan=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
         layers=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}").with_suffix(".parquet")),
@@ -13,6 +14,7 @@ rule solve:
         config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw[k]
                            for k in ("cluster", "devices", "workload", "solver")},
         model=lambda wc: model_slice(wc.model),
+        prompts_sha256=lambda wc: prompts_sha256(wc.model, wc.cluster, wc.workload),
     log:
         "logs/solve/{model}/{cluster}/{workload}/{solver}.log",
     benchmark:

@@ -1,0 +1,1 @@
+"""The batch job: a prompts file in, completions out (`llmpq generate`)."""
