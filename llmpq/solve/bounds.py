@@ -61,7 +61,7 @@ class StemArrays:
 
     def _make(self, stem: str) -> dict[str, np.ndarray]:
         cache, sizes, bits, points = self.cache, self.sizes, self.bits, self.points
-        ok = [b in cache.ctx.devices[stem].bits for b in bits]
+        ok = [b in cache.ctx.latency.menu(stem) for b in bits]  # times: the least over the kernels (a bound)
         nb, C, P = len(sizes), len(bits), max(len(points), 1)
         t_p, t_d = np.full((nb, C), np.inf), np.full((nb, C, P), np.inf)
         nbytes = np.full((nb, C), np.inf)

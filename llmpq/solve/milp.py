@@ -8,8 +8,9 @@ Variables (items g, stages j, bit columns c; see `tables`):
 
 Rows: Σ_{j,c} z[g,j,c] = 1 (each item once); contiguity in cumulative form
 U[g,j] ≥ U[g+1,j] with U[g,j] = Σ_{j' ≤ j, c} z[g,j',c] ((G−1)(N−1) rows); every stage holds an item;
-item 0 on stage 0 and the last item on stage N−1; memory fixed_j + Σ mem·z ≤ capacity_j; the budget
-Σ ω·z ≤ Ω. Symmetry: consecutive items with identical rows (same time, memory, ω) that share a stage
+item 0 on stage 0 and the last item on stage N−1; memory fixed_j + w_j + Σ mem·z ≤ capacity_j, where the
+kernels' workspace w_j ≥ workspace[j,c]·u[j,c] and u[j,c] ∈ {0,1} is 1 when stage j uses column c
+(Σ_g z[g,j,c] ≤ G·u[j,c]; only for columns with a workspace); the budget Σ ω·z ≤ Ω. Symmetry: consecutive items with identical rows (same time, memory, ω) that share a stage
 take non-decreasing bit columns (any plan can be reordered so, at the same cost):
 Σ_{c ≤ t} z[g+1,j,c] + Σ_{c > t} z[g,j,c] ≤ 1 for every stage j and threshold t.
 
@@ -99,8 +100,17 @@ def _common(prob: pulp.LpProblem, tb: ProblemTables, cells: list[Cell], objectiv
     for j in range(N):
         room = float(tb.capacity[j] - tb.fixed_mem[j])
         scale = max(room, max((float(tb.mem_bytes[g, j, c]) for _, g, _, c in by_stage[j]), default=1.0), 1e-300)
-        prob += _expr((v, tb.mem_bytes[g, j, c] / scale) for v, g, _, c in by_stage[j]) <= room / scale, \
-            f"mem_{j:0{jw}d}"
+        terms = [(v, tb.mem_bytes[g, j, c] / scale) for v, g, _, c in by_stage[j]]
+        heavy = sorted({c for _, _, _, c in by_stage[j] if tb.workspace[j, c] > 0})
+        if heavy:
+            work = prob.add_variable(f"w_{j:0{jw}d}", lowBound=0.0)
+            for c in heavy:
+                used = prob.add_variable(f"u_{j:0{jw}d}_{c}", 0, 1, pulp.LpBinary)
+                prob += _expr([(v, 1.0) for v, _, _, cc in by_stage[j] if cc == c]
+                              + [(used, -float(tb.n_items))]) <= 0, f"uses_{j:0{jw}d}_{c}"
+                prob += _expr([(work, 1.0), (used, -float(tb.workspace[j, c]) / scale)]) >= 0, f"ws_{j:0{jw}d}_{c}"
+            terms.append((work, 1.0))
+        prob += _expr(terms) <= room / scale, f"mem_{j:0{jw}d}"
     omega_terms = [(v, tb.omega[g, c]) for v, g, _, c in cells]
     if math.isfinite(tb.budget):
         prob += _expr(omega_terms) <= tb.budget, "budget"

@@ -11,7 +11,7 @@ rule solve:
     params:
         cli=llmpq("solve"),
         config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw[k]
-                           for k in ("cluster", "devices", "workload", "solver")},
+                           for k in ("cluster", "devices", "workload", "solver", "kernels")},
         model=lambda wc: model_slice(wc.model),
     log:
         "logs/solve/{model}/{cluster}/{workload}/{solver}.log",
