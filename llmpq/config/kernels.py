@@ -80,11 +80,32 @@ class KernelSpec:
 
 
 @dataclass(frozen=True)
+class ReferencePoint:
+    """A published speed of a kernel against fp16 at some rows, on some device: what the model is fitted to or
+    checked against (`fitted`: used by `benchmarks/kernel_model.py --fit`)."""
+
+    kernel: str
+    bits: int
+    device: str          # device config stem of the GPU it was measured on
+    rows: int
+    speedup: float       # fp16 time / kernel time
+    source: str
+    fitted: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """kernel time / fp16 time."""
+        return 1.0 / self.speedup
+
+
+@dataclass(frozen=True)
 class KernelTable:
-    """Every kernel by name, in preference order (ties between equally fast kernels go to the earlier one)."""
+    """Every kernel by name, in preference order (ties between equally fast kernels go to the earlier one), and the
+    published points the latency constants are fitted to and checked against."""
 
     kernels: Mapping[str, KernelSpec]
     source: str = TABLE_FILE
+    reference: tuple[ReferencePoint, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
@@ -237,7 +258,15 @@ def kernel_table(file: str, data: Mapping[str, Any]) -> KernelTable:
     dense = specs[DENSE_KERNEL]
     if dense.bits != (DENSE_BITS,):
         raise ConfigError(file, f"kernels.{DENSE_KERNEL}.bits", f"the dense kernel serves exactly [{DENSE_BITS}]")
-    return KernelTable(specs, file)
+    points = []
+    for i, item in enumerate(r.get("reference", list, [])):
+        ref = Reader(file, item, f"reference[{i}]")
+        kernel = ref.get("kernel", str, check=lambda v: None if v in specs else f"unknown kernel {v!r}")
+        bits = ref.get("bits", int, check=lambda v, k=kernel: None if v in specs[k].bits else f"{k} does not run {v} bits")
+        points.append(ReferencePoint(kernel, bits, ref.get("device", str), ref.get("rows", int),
+                                     ref.get("speedup", float, check=lambda v: None if v > 0 else "must be > 0"),
+                                     ref.get("source", str), ref.get("fitted", bool, False)))
+    return KernelTable(specs, file, tuple(points))
 
 
 def load_kernel_table(path: str | Path) -> KernelTable:

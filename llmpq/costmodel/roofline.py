@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmpq.config import DeviceSpec, KernelSpec, KernelTable, QuantSpec, default_kernel_table
-from llmpq.models.shape import ModelShape
+from llmpq.models.shape import LinearShape, ModelShape
 
 from .kernels import kernel_menu
 from .memory import FP32_BYTES, dtype_bytes, linear_weight_bytes
@@ -54,6 +54,12 @@ class LinearCost:
     n: float
     dense_bytes: float
     packed_bytes: float
+
+    @staticmethod
+    def of(linear: LinearShape, bits: int, quant: QuantSpec, device: DeviceSpec) -> "LinearCost":
+        d = dtype_bytes(device)
+        return LinearCost(float(linear.in_features), float(linear.out_features), float(linear.params * d),
+                          float(linear_weight_bytes(linear, bits, quant, device)))
 
 
 def gemm_ms(device: DeviceSpec, phase: str, lin: LinearCost, rows, d: int):
@@ -109,9 +115,7 @@ class LayerRoofline:
     @staticmethod
     def of(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec, kernel: KernelSpec) -> "LayerRoofline":
         d = dtype_bytes(device)
-        linears = tuple(LinearCost(float(lin.in_features), float(lin.out_features), float(lin.params * d),
-                                   float(linear_weight_bytes(lin, bits, quant, device)))
-                        for lin in shape.layer.linears)
+        linears = tuple(LinearCost.of(lin, bits, quant, device) for lin in shape.layer.linears)
         return LayerRoofline(device, kernel, bits, linears, float(shape.layer.norm_params * d), float(2 * shape.kv_dim),
                              float(shape.heads * shape.head_dim), d)
 
@@ -128,6 +132,15 @@ class LayerRoofline:
         for lin in self.linears:
             total = total + linear_ms(self.kernel, self.bits, self.device, phase, lin, rows, self.d)
         return total
+
+
+def kernel_ratio(kernel: KernelSpec, bits: int, device: DeviceSpec, linear: LinearShape, quant: QuantSpec, rows,
+                 phase: str = "decode"):
+    """t_kernel(rows) / t_fp16(rows) of one linear (dimensionless; the device's efficiency cancels out)."""
+    d = dtype_bytes(device)
+    cost = LinearCost.of(linear, bits, quant, device)
+    dense = LinearCost.of(linear, 16, quant, device)
+    return linear_ms(kernel, bits, device, phase, cost, rows, d) / gemm_ms(device, phase, dense, rows, d)
 
 
 def layer_roofline_ms(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec, phase: str, batch: int,
