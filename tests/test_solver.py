@@ -14,6 +14,7 @@ from llmpq.config import ClusterSpec, compose_experiment
 from llmpq.config.types import Node, WorkloadSpec
 from llmpq.costmodel.context import build_context
 from llmpq.costmodel.estimate import StageAssignment, estimate, stage_time_ms
+from llmpq.costmodel.memory import load_workspace_bytes
 from llmpq.costmodel.pipeline import PhaseTimes, decode_surrogate_ms, micro_batches, prefill_ms
 from llmpq.models.shape import shape_from_config
 from llmpq.solve.baselines import adabits, pipeedge, uniform
@@ -314,7 +315,14 @@ def test_surrogate_of_tables_equals_pipeline_composition(small):
         lambda k: PhaseTimes(phase("decode", 1, w.prompt_len + k), e.comm_decode_ms), w.gen_len,
         micro_batches(w.batch, 1), 3)
     assert surrogate_ms(tb, a) == pytest.approx(expected, rel=1e-9)
-    assert stage_bytes(tb, a) == pytest.approx([m.total_bytes for m in e.memory])
+    # the tables count the run-time peak; the exact estimate also Marlin's load-time repack where it is larger
+    # (stage 0: one 8-bit layer beside the embedding, whose KV cache and activations are smaller than a repack)
+    exact = [m.total_bytes for m in e.memory]
+    assert stage_bytes(tb, a)[1] == pytest.approx(exact[1]) and stage_bytes(tb, a)[0] <= exact[0]
+    m0 = e.memory[0]
+    repack = load_workspace_bytes(ctx.shape, {8: ctx.latency.kernels.spec(e.stages[0].kernel_map[8])})
+    load = m0.weights_bytes + m0.embed_bytes + m0.head_bytes + m0.reserve_bytes + repack
+    assert exact[0] == pytest.approx(max(stage_bytes(tb, a)[0], load))
 
 
 def test_plans_fit_memory_and_budget_and_are_deterministic(small, tmp_path):

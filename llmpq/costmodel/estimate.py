@@ -14,7 +14,7 @@ busy time of one layer over the whole job (ties: the kernel table's order).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,26 +71,32 @@ class Estimate:
     stages: tuple[StageAssignment, ...] = ()  # the plan's stages with every kernel resolved
 
 
-def job_layer_ms(ctx: CostContext, device: str, bits: int, kernel: str, b_p: int, b_d: int) -> float:
-    """Busy time of one layer over the job on `kernel` (ms): K_p·t_prefill(b_p, q = c = s)
-    + K_d·(n − 1)·t_decode(b_d, c = s + max(1, n // 2))."""
+def job_prefill_ms(ctx: CostContext, device: str, bits: int, kernel: str, b_p: int) -> float:
+    """One layer's prefill busy time over the job on `kernel` (ms): K_p·t_prefill(b_p, q = c = s)."""
+    s = ctx.workload.prompt_len
+    return micro_batches(ctx.workload.batch, b_p) * ctx.latency.layer_ms(device, bits, "prefill", b_p, s, s, kernel)
+
+
+def job_decode_ms(ctx: CostContext, device: str, bits: int, kernel: str, b_d: int) -> float:
+    """One layer's decode busy time over the job on `kernel` (ms): K_d·(n − 1)·t_decode(b_d, c = s + max(1, n // 2))."""
     w = ctx.workload
-    s, n = w.prompt_len, w.gen_len
-    lat = ctx.latency
-    total = micro_batches(w.batch, b_p) * lat.layer_ms(device, bits, "prefill", b_p, s, s, kernel)
-    if n > 1:
-        total += micro_batches(w.batch, b_d) * (n - 1) * lat.layer_ms(device, bits, "decode", b_d, 1,
-                                                                      s + max(1, n // 2), kernel)
-    return total
+    if w.gen_len <= 1:
+        return 0.0
+    mid = w.prompt_len + max(1, w.gen_len // 2)
+    return micro_batches(w.batch, b_d) * (w.gen_len - 1) * ctx.latency.layer_ms(device, bits, "decode", b_d, 1, mid,
+                                                                                kernel)
 
 
-def choose_kernel(ctx: CostContext, device: str, bits: int, b_p: int, b_d: int) -> str:
+def choose_kernel(ctx: CostContext, device: str, bits: int, b_p: int, b_d: int,
+                  prefill: Callable[..., float] = job_prefill_ms, decode: Callable[..., float] = job_decode_ms) -> str:
     """The kernel a stage on `device` runs its `bits`-bit layers with at micro-batches (b_p, b_d): of the device's
-    menu, the least `job_layer_ms` (ties: the kernel table's order)."""
+    menu, the least busy time of one layer over the job, `job_prefill_ms` + `job_decode_ms` (ties: the kernel
+    table's order). `prefill`/`decode` may be memoised versions of those two (same values)."""
     names = ctx.latency.kernels_for(device, bits)
     if len(names) == 1:
         return names[0]
-    return min(names, key=lambda k: (job_layer_ms(ctx, device, bits, k, b_p, b_d), names.index(k)))
+    return min(names, key=lambda k: (prefill(ctx, device, bits, k, b_p) + decode(ctx, device, bits, k, b_d),
+                                     names.index(k)))
 
 
 def with_kernels(ctx: CostContext, stage: StageAssignment, b_p: int, b_d: int) -> StageAssignment:

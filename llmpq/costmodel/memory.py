@@ -139,22 +139,28 @@ def activation_peak_bytes(shape: ModelShape, device: DeviceSpec, batch: int, q_t
 
 
 def kernel_workspace_bytes(shape: ModelShape, device: DeviceSpec, kernels: Mapping[int, KernelSpec]) -> int:
-    """W_k: the workspace of a stage's weight kernels (bytes) = the largest over its (bits, kernel) pairs of
+    """W_k: the run-time workspace of a stage's weight kernels (bytes) = the largest over its (bits, kernel) pairs of
 
     - `per_call` (a kernel that dequantizes the whole weight on each call: torch, triton) and `persistent`
       (ExLlama's scratch, held for the run): max_linear(in·out) · bytes per weight (`workspace_bytes_per_weight`
       of the device kind: the 16-bit weight on a GPU, the measured peak of the eager dequantization on a CPU);
-    - `repack` (Marlin, at load): max_linear(in·out) · bits / 8, the packed weight written once more;
-    - `none` (the dense kernel): 0.
+    - `repack` (Marlin) and `none` (the dense kernel): 0 at run time (see `load_workspace_bytes`).
     """
     largest = max(lin.weight_params for lin in shape.layer.linears)
     out = 0.0
     for bits, spec in kernels.items():
         if spec.workspace in ("per_call", "persistent"):
             out = max(out, largest * spec.workspace_bytes_per_weight.get(device.kind, dtype_bytes(device)))
-        elif spec.workspace == "repack":
-            out = max(out, largest * bits / 8)
     return int(math.ceil(out))
+
+
+def load_workspace_bytes(shape: ModelShape, kernels: Mapping[int, KernelSpec]) -> int:
+    """The load-time transient of kernels that repack their weight (Marlin): max_linear(in·out)·bits/8, the packed
+    weight written once more while the old one is alive (bytes). It happens before the KV cache and activations
+    exist, so it counts only where it exceeds them (`stage_memory`)."""
+    largest = max(lin.weight_params for lin in shape.layer.linears)
+    return int(math.ceil(max((largest * bits / 8 for bits, spec in kernels.items() if spec.workspace == "repack"),
+                             default=0.0)))
 
 
 def activations_bytes(shape: ModelShape, device: DeviceSpec, workload: WorkloadSpec, b_p: int, b_d: int,
@@ -239,10 +245,12 @@ def kv_sequences(workload: WorkloadSpec, b_d: int) -> int:
 def stage_memory(shape: ModelShape, device: DeviceSpec, bits: Sequence[int], workload: WorkloadSpec, b_p: int,
                  b_d: int, quant: QuantSpec, *, first: bool, last: bool, kernels: Mapping[int, KernelSpec],
                  head_on_first: bool = False, scores_materialized: bool | None = None) -> StageMemory:
-    """M_j = fixed + W_k + Σ_{i in stage} (W_i(b_i) + KV_i(K_d·b_d sequences, s + n)) (bytes).
+    """M_j = max(fixed + W_k + Σ_{i in stage} (W_i(b_i) + KV_i(K_d·b_d sequences, s + n)), load peak) (bytes).
 
-    `kernels`: the weight kernel of each of the stage's bit-widths (for the workspace W_k,
-    `kernel_workspace_bytes`); the one accounting of a stage (module docstring).
+    `kernels`: the weight kernel of each of the stage's bit-widths (for the run-time workspace W_k,
+    `kernel_workspace_bytes`, counted in `activations_bytes`); the load peak is weights + embedding + head +
+    reserve + the repacking transient (`load_workspace_bytes`), and where it exceeds the run-time total the
+    difference is added to `activations_bytes` too. The one accounting of a stage (module docstring).
     """
     missing = sorted(b for b in set(bits) if b < 16 and b not in kernels)
     if missing:
@@ -253,4 +261,6 @@ def stage_memory(shape: ModelShape, device: DeviceSpec, bits: Sequence[int], wor
                                workspace_bytes=kernel_workspace_bytes(shape, device, used))
     weights = sum(layer_weight_bytes(shape, b, quant, device) for b in bits)
     kv = len(bits) * layer_kv_bytes(shape, kv_sequences(workload, b_d), workload.prompt_len + workload.gen_len, device)
-    return replace(fixed, weights_bytes=weights, kv_bytes=kv)
+    run = replace(fixed, weights_bytes=weights, kv_bytes=kv)
+    load = weights + run.embed_bytes + run.head_bytes + run.reserve_bytes + load_workspace_bytes(shape, used)
+    return replace(run, activations_bytes=run.activations_bytes + max(0, load - run.total_bytes))

@@ -106,8 +106,11 @@ def _common(prob: pulp.LpProblem, tb: ProblemTables, cells: list[Cell], objectiv
             work = prob.add_variable(f"w_{j:0{jw}d}", lowBound=0.0)
             for c in heavy:
                 used = prob.add_variable(f"u_{j:0{jw}d}_{c}", 0, 1, pulp.LpBinary)
+                # big-M: the items of column c that fit beside its workspace (a tighter relaxation than G)
+                smallest = min(float(tb.mem_bytes[g, j, c]) for _, g, _, cc in by_stage[j] if cc == c)
+                most = min(float(tb.n_items), max(0.0, math.floor((room - tb.workspace[j, c]) / smallest + 1e-9)))
                 prob += _expr([(v, 1.0) for v, _, _, cc in by_stage[j] if cc == c]
-                              + [(used, -float(tb.n_items))]) <= 0, f"uses_{j:0{jw}d}_{c}"
+                              + [(used, -most)]) <= 0, f"uses_{j:0{jw}d}_{c}"
                 prob += _expr([(work, 1.0), (used, -float(tb.workspace[j, c]) / scale)]) >= 0, f"ws_{j:0{jw}d}_{c}"
             terms.append((work, 1.0))
         prob += _expr(terms) <= room / scale, f"mem_{j:0{jw}d}"

@@ -29,7 +29,7 @@ import numpy as np
 from llmpq.costmodel import memory as mem
 from llmpq.costmodel.comm import hidden_bytes, link_between, token_bytes, transfer_ms
 from llmpq.costmodel.context import CostContext
-from llmpq.costmodel.estimate import StageAssignment, choose_kernel
+from llmpq.costmodel.estimate import StageAssignment, choose_kernel, job_decode_ms, job_prefill_ms
 from llmpq.costmodel.pipeline import micro_batches, surrogate_cycle_weights, surrogate_points
 
 from .quality import OmegaTable
@@ -67,7 +67,13 @@ class CostCache:
 
     def kernel(self, stem: str, bits: int, b_p: int, b_d: int) -> str:
         """The weight kernel of `bits`-bit layers on `stem` at micro-batches (b_p, b_d) (`choose_kernel`)."""
-        return self._get(("k", stem, bits, b_p, b_d), lambda: choose_kernel(self.ctx, stem, bits, b_p, b_d))
+        def prefill(ctx, device, b, k, size):
+            return self._get(("jp", device, b, k, size), lambda: job_prefill_ms(ctx, device, b, k, size))
+
+        def decode(ctx, device, b, k, size):
+            return self._get(("jd", device, b, k, size), lambda: job_decode_ms(ctx, device, b, k, size))
+        return self._get(("k", stem, bits, b_p, b_d),
+                         lambda: choose_kernel(self.ctx, stem, bits, b_p, b_d, prefill, decode))
 
     def workspace_bytes(self, stem: str, bits: int, kernel: str) -> int:
         """The workspace of `kernel` running `bits`-bit layers on `stem` (`memory.kernel_workspace_bytes`)."""
