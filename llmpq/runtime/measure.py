@@ -76,6 +76,39 @@ class MemoryStats:
     rss_growth_bytes: int = 0  # peak RSS from just before loading to the end of the run, over the RSS then
 
 
+MMAP_THRESHOLD_BYTES = 64 * 1024
+M_MMAP_THRESHOLD = -3   # glibc mallopt parameter
+
+
+def return_freed_memory() -> bool:
+    """Make glibc serve allocations of 64 KiB and more with mmap (fixed threshold), so that a freed activation goes
+    back to the OS: RSS then follows live memory and a stage's peak RSS is its live peak, the quantity the memory
+    model predicts (with glibc's default, growing threshold, freed activations stay in the heap). False where glibc
+    is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
+def prime_math_libraries(dtype: torch.dtype) -> None:
+    """A few small CPU calls of what a decoder layer runs (GEMM, norm, attention, activations), so that the math
+    libraries' one-time buffers (measured: 3-4 MiB of GEMM and attention workspaces) are allocated before a stage
+    notes its RSS and do not count as the stage's growth."""
+    with torch.inference_mode():
+        linear, norm = torch.nn.Linear(64, 256).to(dtype), torch.nn.LayerNorm(64).to(dtype)
+        for tokens in (1, 8):
+            x = norm(torch.randn(1, tokens, 64, dtype=dtype))
+            torch.relu(linear(x)), torch.nn.functional.gelu(linear(x)), torch.nn.functional.silu(linear(x))
+            q = torch.randn(1, 4, tokens, 16, dtype=dtype)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=tokens > 1).softmax(-1)
+
+
 def current_rss_bytes() -> int:
     """Resident set size of this process now (bytes; /proc/self/statm on Linux, else the peak so far)."""
     try:

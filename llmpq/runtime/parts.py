@@ -192,25 +192,37 @@ class StageModel:
         return x[:, -1].float()
 
 
-def prepare_modules(model_dir: str | Path, kernels: set[str]) -> None:
-    """Import what loading a stage imports (the model's transformers modules, GPTQModel's kernel classes), so that
-    the RSS noted before loading counts the libraries and the growth after it only the stage's data."""
+def prepare_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, bits: Sequence[int],
+                  kernels: set[str], verify: bool = True) -> dict[int, Any]:
+    """What loading a stage needs before its data: the model's transformers modules and skeleton (on `meta`),
+    GPTQModel's kernel classes, and the stores' manifests (bits -> rows; empty without `verify`). Done before the
+    stage notes its RSS, so that the growth it measures is the stage's data, not libraries and their pools."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
     decoder_layer_class(config)
+    _skeleton(config)
     for kernel in sorted(kernels - {DENSE_KERNEL}):
         qlinear_class(kernel)
+    return {int(b): read_manifest(_store(quant_root, scheme, int(b))) for b in sorted(set(bits))} if verify else {}
+
+
+def _store(quant_root: str | Path, scheme: str, bits: int) -> Path:
+    store = Path(quant_root) / store_name(scheme, bits)
+    if not store.is_dir():
+        raise FileNotFoundError(f"{store}: no quantized store (run `llmpq quantize bits={bits}` with scheme {scheme})")
+    return store
 
 
 def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start: int, bits: Sequence[int], *,
                first: bool, last: bool, device: torch.device, dtype: torch.dtype, verify: bool = True,
-               kernels: Mapping[int, str] | None = None) -> StageModel:
+               kernels: Mapping[int, str] | None = None, manifests: Mapping[int, Any] | None = None) -> StageModel:
     """The stage holding layers [start, start + len(bits)) at `bits`, from `quant_root/{scheme}-w{b}/` files, each
     quantized bit-width on its weight kernel (`kernels`: bits -> kernel; default `torch`).
 
-    Every layer file's sha256 is checked against its store's manifest when `verify`. A stage with ExLlama layers
-    allocates one scratch for them first, sized for its largest linear (GPU only).
+    Every layer file's sha256 is checked against its store's manifest when `verify` (`manifests`: those already
+    read by `prepare_stage`). A stage with ExLlama layers allocates one scratch for them first, sized for its
+    largest linear (GPU only).
     """
     from transformers import AutoConfig
 
@@ -219,12 +231,10 @@ def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start
     family = family_of(config)
     kernels = dict(kernels or {})
     scratch = _exllama_scratch(config, device) if "exllama" in {kernels.get(int(b)) for b in bits} else None
-    manifests: dict[int, Any] = {}
+    manifests = dict(manifests or {})
     layers = []
     for index, b in enumerate(bits, start=start):
-        store = Path(quant_root) / store_name(scheme, int(b))
-        if not store.is_dir():
-            raise FileNotFoundError(f"{store}: no quantized store (run `llmpq quantize bits={b}` with scheme {scheme})")
+        store = _store(quant_root, scheme, int(b))
         if verify and b not in manifests:
             manifests[b] = read_manifest(store)
         layers.append(load_quantized_layer(config, store, index, device, dtype, verify, manifests.get(b), kernels,

@@ -28,8 +28,8 @@ from .caps import MemoryCapError, StageRefusal, cap_violation
 from .job import RunJob, StageSpec
 from .kernel_check import KernelUnavailable, stage_kernel_problem
 from .kvcache import CacheShape, StageKVCache
-from .measure import RssSampler, StageClock, memory_stats
-from .parts import load_stage, prepare_modules
+from .measure import RssSampler, StageClock, memory_stats, prime_math_libraries, return_freed_memory
+from .parts import load_stage, prepare_stage
 from ..profile.timing import torch_threads
 from .schedule import Fault, StageRunner, plan_steps
 
@@ -103,6 +103,7 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
     problem = stage_kernel_problem(spec, device, {n.name: n for n in job.kernel_needs})
     if problem is not None:
         raise KernelUnavailable(problem)
+    return_freed_memory()
     with torch_threads(spec.threads), torch.inference_mode():
         clock = StageClock(device)
         ring = None
@@ -112,11 +113,14 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
             if init_dist:
                 _init_process_group(job, place, device)
             ring = Ring(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
-        prepare_modules(job.model_dir, {k for _, k in spec.kernels})
+        manifests = prepare_stage(job.model_dir, job.quant_root, job.scheme, spec.bits,
+                                  {k for _, k in spec.kernels}, job.verify)
+        if device.type == "cpu":
+            prime_math_libraries(dtype)
         sampler = RssSampler().start()
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify,
-                           kernels=spec.kernel_map)
+                           kernels=spec.kernel_map, manifests=manifests)
         cfg = model.config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

@@ -19,7 +19,8 @@ Those phase bounds let each phase pick its own bit-widths; a layer has one. Wher
 real kernels, prefill is fastest at 16 bits and decode at 4), the coupled bound (`_coupled`) is tighter: for a
 distribution π, F ≥ Σ_j Σ_{i in j} cost_j(c_i) + constants, with β ≥ Σ_j π_j·t_j in every phase, each cycle
 ≥ K_d·β (or ≥ R), so cost_j(c) = (1 + (K_p − 1)·π_j)·t^p[j,c] + Σ_k coef_jk·t^d[j,c,k] is one linear cost per
-layer and bit-width over both phases, minimised under memory by the same convex fill.
+layer and bit-width over both phases, minimised under memory by the same convex fill; π is uniform, or uniform
+over the stages of one device type (where the bottleneck of a heterogeneous pipeline usually is).
 """
 
 from __future__ import annotations
@@ -235,18 +236,12 @@ def _coupled(f_p: np.ndarray, t_p: np.ndarray, c_p: np.ndarray, f_d: np.ndarray,
              room: np.ndarray, omega: np.ndarray, budget: float, layers: int, groups: Sequence[np.ndarray]) -> np.ndarray:
     """The coupled lower bound on F (module docstring) over pairs: f_* [.., N], t_p [.., N, C], t_d [.., N, C, P],
     c_* [.., N], k_* [..], weights [P] (cycle weights; the last point also drains), nbytes [.., N, C], room [.., N].
-    The best over π ∈ {uniform, uniform over the stages of one device type (`groups`: boolean masks [N]),
-    ∝ 1/busy of each bit-width} and cycle ≥ K_d·β or ≥ R."""
+    The best over π ∈ {uniform, uniform over the stages of one device type (`groups`: masks [N])} and
+    cycle ≥ K_d·β or ≥ R."""
     N, P = t_p.shape[-2], t_d.shape[-1]
     kp, kd = k_p[..., None], k_d[..., None]
-    busy = kp[..., None] * t_p + kd[..., None] * t_d.sum(axis=-1)             # [.., N, C]
     pis = [np.full(f_p.shape, 1.0 / N)]
     pis += [np.broadcast_to(g / g.sum(), f_p.shape) for g in groups if 0 < g.sum() < N]
-    for c in range(t_p.shape[-1]):
-        col = busy[..., c]
-        if np.isfinite(col).all() and (col > 0).all():
-            inv = 1.0 / col
-            pis.append(inv / inv.sum(axis=-1, keepdims=True))
     best = np.full(f_p.shape[:-1], -np.inf)
     bounded = np.isfinite(budget)
     for pi in pis:

@@ -9,8 +9,9 @@ Variables (items g, stages j, bit columns c; see `tables`):
 Rows: Σ_{j,c} z[g,j,c] = 1 (each item once); contiguity in cumulative form
 U[g,j] ≥ U[g+1,j] with U[g,j] = Σ_{j' ≤ j, c} z[g,j',c] ((G−1)(N−1) rows); every stage holds an item;
 item 0 on stage 0 and the last item on stage N−1; memory fixed_j + w_j + Σ mem·z ≤ capacity_j, where the
-kernels' workspace w_j ≥ workspace[j,c]·u[j,c] and u[j,c] ∈ {0,1} is 1 when stage j uses column c
-(Σ_g z[g,j,c] ≤ G·u[j,c]; only for columns with a workspace); the budget Σ ω·z ≤ Ω. Symmetry: consecutive items with identical rows (same time, memory, ω) that share a stage
+kernels' workspace w_j ≥ v·u[j,v] for each distinct workspace v of the stage's columns, u[j,v] ∈ {0,1} being 1
+when stage j uses a column with that workspace (Σ z ≤ M·u[j,v], M the items that fit beside it); the budget
+Σ ω·z ≤ Ω. Symmetry: consecutive items with identical rows (same time, memory, ω) that share a stage
 take non-decreasing bit columns (any plan can be reordered so, at the same cost):
 Σ_{c ≤ t} z[g+1,j,c] + Σ_{c > t} z[g,j,c] ≤ 1 for every stage j and threshold t.
 
@@ -101,17 +102,18 @@ def _common(prob: pulp.LpProblem, tb: ProblemTables, cells: list[Cell], objectiv
         room = float(tb.capacity[j] - tb.fixed_mem[j])
         scale = max(room, max((float(tb.mem_bytes[g, j, c]) for _, g, _, c in by_stage[j]), default=1.0), 1e-300)
         terms = [(v, tb.mem_bytes[g, j, c] / scale) for v, g, _, c in by_stage[j]]
-        heavy = sorted({c for _, _, _, c in by_stage[j] if tb.workspace[j, c] > 0})
-        if heavy:
+        sizes = sorted({float(tb.workspace[j, c]) for _, _, _, c in by_stage[j] if tb.workspace[j, c] > 0})
+        if sizes:
             work = prob.add_variable(f"w_{j:0{jw}d}", lowBound=0.0)
-            for c in heavy:
-                used = prob.add_variable(f"u_{j:0{jw}d}_{c}", 0, 1, pulp.LpBinary)
-                # big-M: the items of column c that fit beside its workspace (a tighter relaxation than G)
-                smallest = min(float(tb.mem_bytes[g, j, c]) for _, g, _, cc in by_stage[j] if cc == c)
-                most = min(float(tb.n_items), max(0.0, math.floor((room - tb.workspace[j, c]) / smallest + 1e-9)))
-                prob += _expr([(v, 1.0) for v, _, _, cc in by_stage[j] if cc == c]
-                              + [(used, -most)]) <= 0, f"uses_{j:0{jw}d}_{c}"
-                prob += _expr([(work, 1.0), (used, -float(tb.workspace[j, c]) / scale)]) >= 0, f"ws_{j:0{jw}d}_{c}"
+            for k, size in enumerate(sizes):  # one binary per distinct workspace (kernels often share one)
+                cols = {c for _, _, _, c in by_stage[j] if tb.workspace[j, c] == size}
+                used = prob.add_variable(f"u_{j:0{jw}d}_{k}", 0, 1, pulp.LpBinary)
+                # big-M: the items of those columns that fit beside the workspace (a tighter relaxation than G)
+                smallest = min(float(tb.mem_bytes[g, j, c]) for _, g, _, c in by_stage[j] if c in cols)
+                most = min(float(tb.n_items), max(0.0, math.floor((room - size) / smallest + 1e-9)))
+                prob += _expr([(v, 1.0) for v, _, _, c in by_stage[j] if c in cols]
+                              + [(used, -most)]) <= 0, f"uses_{j:0{jw}d}_{k}"
+                prob += _expr([(work, 1.0), (used, -size / scale)]) >= 0, f"ws_{j:0{jw}d}_{k}"
             terms.append((work, 1.0))
         prob += _expr(terms) <= room / scale, f"mem_{j:0{jw}d}"
     omega_terms = [(v, tb.omega[g, c]) for v, g, _, c in cells]
