@@ -11,11 +11,13 @@ All use every device of the cluster and b_p = b_d = ⌈B/N⌉ (N devices).
   such plan by the surrogate; over the first `ADABITS_ORDERS` distinct orders of the devices.
 - `uniform-best` (what a careful vLLM user does by hand): one bit-width for every layer, chosen among the
   bit-widths with a fast kernel (one that does not materialise the weight, `conf/kernels.yaml`) on every
-  device of the cluster (all bit-widths with a kernel everywhere, if none of those fits); a memory-balanced
-  partition (`memory_balanced_counts`: layers in proportion to each stage's free memory at that bit-width,
-  so the stages holding the embedding and the head get fewer); over the first `ADABITS_ORDERS` distinct
-  device orders, the fitting (order, bit-width) with the highest exact predicted throughput wins (ties: the
-  higher bit-width, then the earlier order).
+  device of the cluster; a memory-balanced partition (`memory_balanced_counts`: layers in proportion to
+  each stage's free memory at that bit-width, so the stages holding the embedding and the head get fewer);
+  over the first `ADABITS_ORDERS` distinct device orders, the fitting (order, bit-width) with the highest
+  exact predicted throughput wins (ties: the higher bit-width, then the earlier order). Where no such
+  bit-width fits (a CPU runs only the materialising `torch` kernel, whose time is the dense GEMM's plus a
+  dequantization, whatever the bits), the highest bit-width with a kernel everywhere that fits, as pipeedge
+  would choose it, then the fastest order.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def uniform_best(cache: CostCache, omega: OmegaTable, settings: SearchSettings) 
     fast = fast_common_bits(cache, omega.bits)
     everywhere = tuple(bits for bits in sorted(omega.bits, reverse=True)
                        if all(bits in ctx.latency.menu(stem) for stem in cluster.device_stems()))
-    for choice in (fast, everywhere):
+    for choice, highest_first in ((fast, False), (everywhere, True)):
         best: tuple[tuple, Candidate] | None = None
         for index, tb in enumerate(tables):
             for bits in choice:
@@ -208,7 +210,7 @@ def uniform_best(cache: CostCache, omega: OmegaTable, settings: SearchSettings) 
                     continue
                 cand = _candidate(tb, a)
                 throughput = estimate(ctx, cand.stages, b, b).throughput_tok_s
-                key = (-throughput, -bits, index)
+                key = (-bits, -throughput, index) if highest_first else (-throughput, -bits, index)
                 if best is None or key < best[0]:
                     best = (key, cand)
         if best is not None:
