@@ -140,6 +140,7 @@ class LatencyModel:
     fits: Mapping[str, Mapping[FitKey, Grid]] = field(default_factory=dict)  # device stem -> fitted grids
     kernels: KernelTable | None = None   # None: the shipped table
     _rooflines: dict = field(init=False, repr=False, compare=False)
+    _points: dict = field(init=False, repr=False, compare=False)   # memo of `layer_ms` (a pure function)
     _menus: Mapping[str, Mapping[int, tuple[str, ...]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +152,7 @@ class LatencyModel:
             stem: MappingProxyType(kernel_menu(table, spec, self.quant, self.shape))
             for stem, spec in self.devices.items()}))
         object.__setattr__(self, "_rooflines", {})
+        object.__setattr__(self, "_points", {})
 
     def source(self, device: str) -> str:
         """"profile" where the device has a fitted profile, else "roofline"."""
@@ -165,7 +167,11 @@ class LatencyModel:
     def layer_ms(self, device: str, bits: int, phase: str, batch: int, q_tokens: int, context_len: int,
                  kernel: str | None = None) -> float:
         """t_layer(device, bits, kernel, phase, b, q, c): one decoder layer for b sequences of q new tokens (ms)."""
-        return float(self.layer_ms_many(device, bits, phase, batch, q_tokens, np.asarray([context_len]), kernel)[0])
+        key = (device, bits, phase, batch, q_tokens, context_len, kernel)
+        if key not in self._points:
+            self._points[key] = float(self.layer_ms_many(device, bits, phase, batch, q_tokens,
+                                                         np.asarray([context_len]), kernel)[0])
+        return self._points[key]
 
     def layer_ms_many(self, device: str, bits: int, phase: str, batch: int, q_tokens: int,
                       context_lens: np.ndarray, kernel: str | None = None) -> np.ndarray:
