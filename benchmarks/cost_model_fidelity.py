@@ -94,6 +94,7 @@ def run(bits: tuple[int, ...], warmup: int, repeats: int, min_time_ms: float, ma
                                       "samples": t.repeats})
                 else:
                     grid_rows.append({**row, "device": "cpu", "model": "fidelity", "component": "layer",
+                                      "kernel": "fp16" if b_ == 16 else "torch",
                                       "latency_ms": t.median_ms, "latency_ms_p10": t.p10_ms,
                                       "latency_ms_p90": t.p90_ms, "repeats": t.repeats})
             del layer, makers

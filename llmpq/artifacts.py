@@ -24,7 +24,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     # profile: one row per timed point of one component on one device type
     "profile": pa.schema([
         ("device", pa.string()), ("model", pa.string()), ("component", pa.string()),  # layer | embed | head
-        ("bits", pa.int16()), ("phase", pa.string()),  # prefill | decode
+        ("bits", pa.int16()), ("kernel", pa.string()),  # the weight kernel timed (conf/kernels.yaml); fp16 at 16 bits
+        ("phase", pa.string()),  # prefill | decode
         ("batch", pa.int32()), ("q_tokens", pa.int32()), ("context_len", pa.int32()),
         ("latency_ms", pa.float64()), ("latency_ms_p10", pa.float64()), ("latency_ms_p90", pa.float64()),
         ("repeats", pa.int32()),
@@ -47,7 +48,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     # plan_layers: the per-layer view of a plan JSON
     "plan_layers": pa.schema([
         ("layer", pa.int32()), ("stage", pa.int32()), ("device", pa.string()), ("node", pa.string()),
-        ("bits", pa.int16()),
+        ("bits", pa.int16()), ("kernel", pa.string()),  # the weight kernel the layer runs on
     ]),
     # runs: what deploy measured, one row per stage and phase, with the plan's prediction beside it
     # (wall_ms: the pipeline's phase time; tokens: B·n of the whole run; see llmpq.runtime.report)
@@ -60,6 +61,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("throughput_tok_s", pa.float64()), ("predicted_throughput_tok_s", pa.float64()),
         ("weights_bytes", pa.int64()), ("kv_bytes", pa.int64()), ("peak_memory_bytes", pa.int64()),
         ("rss_bytes", pa.int64()), ("planned_memory_bytes", pa.int64()), ("capacity_bytes", pa.int64()),
+        ("kernels", pa.string()),  # the stage's weight kernels, "bits:kernel" joined by "," (highest bits first)
+        ("rss_growth_bytes", pa.int64()),  # peak RSS over the RSS just before the stage loaded anything (CPU)
     ]),
     # generate_runs: one row per finished `llmpq generate` run (a resumed job adds a row per run); counts
     # are this run's, tokens_per_s = generated_tokens / wall_s, predicted from the plan (llmpq.generate.run)

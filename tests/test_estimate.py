@@ -11,7 +11,7 @@ import pytest
 from llmpq.config import Link, compose_experiment
 from llmpq.costmodel.comm import fit_link, hidden_bytes, link_between, transfer_ms
 from llmpq.costmodel.context import build_context
-from llmpq.costmodel.estimate import StageAssignment, estimate, stage_time_ms
+from llmpq.costmodel.estimate import StageAssignment, estimate, stage_time_ms, with_kernels
 from llmpq.costmodel.pipeline import PhaseTimes
 from llmpq.costmodel.simulator import simulate
 
@@ -50,8 +50,8 @@ def test_one_stage_is_sequential(ctx):
 
 
 def test_two_stages_match_manual_composition(ctx):
-    stages = two_stages()
     b_p, b_d = 4, 16
+    stages = [with_kernels(ctx, st, b_p, b_d) for st in two_stages()]  # the kernels estimate chooses
     w = ctx.workload
     s, n, B = w.prompt_len, w.gen_len, w.batch
     k_p, k_d = math.ceil(B / b_p), math.ceil(B / b_d)

@@ -166,7 +166,7 @@ def test_launch_script_puts_each_rank_on_its_gpu(tiny_opt_dir, config_dir, tmp_p
     assert ': "${CUDA_VISIBLE_DEVICES:?set CUDA_VISIBLE_DEVICES to the GPU indices in stage order: ' \
            'Tesla_V100-SXM2-32GB, Tesla_T4}"' in mixed
     assert "--quantization gptq" in mixed and "ray" not in mixed
-    assert "rank 1: t4 (Tesla_T4) on node local, layers 2-3 (2), bits 4 16, kernels fp16/gptq_gemm" in mixed
+    assert "rank 1: t4 (Tesla_T4, cc 7.5) on node local, layers 2-3 (2), bits 4 16, kernels fp16/gptq_gemm" in mixed
     nodes = script([("v100-cc", 0, 2, (16, 16)), ("t4", 2, 4, (16, 16))], ("n0", "n1"))
     assert "--distributed-executor-backend ray" in nodes and "CUDA_VISIBLE_DEVICES:?" not in nodes
     assert "--quantization" not in nodes   # nothing quantized
@@ -183,13 +183,15 @@ def test_solver_engine_is_validated(config_dir):
 
 
 def test_planner_with_engine_vllm_never_plans_what_vllm_cannot_run_fast(config_dir, tmp_path):
-    """opt-13b on 2×P100 (cc 6.0) + V100 (cc 7.0), shapes only: unrestricted, the planner takes 3 bits; with
-    `solver.engine: vllm` every layer is 16, 8 or 4 bits and the P100 stages stay at 16 bits (no kernel)."""
+    """opt-13b on 2×P100 (cc 6.0) + V100 (cc 7.0), shapes only: with `solver.engine: vllm` every layer is 16, 8
+    or 4 bits and the P100 stages stay at 16 bits (vLLM has no quantized kernel there, while llmpq's own runtime
+    would run ExLlama or Torch kernels on them)."""
+    from llmpq.export.engine import restrict_devices
     from llmpq.solve.planner import solve
 
     base = ["model=opt-13b", "cluster=mixed-cc", "workload=s512-n100-b32", "solver.time_limit_s=5"]
-    free = solve(compose_experiment(base, config_dir=config_dir), tmp_path).plan
-    assert 3 in free.bits
+    exp = compose_experiment(base, config_dir=config_dir)
+    assert 3 in exp.devices["p100-cc"].bits
     plans = {method: solve(compose_experiment(base + [f"solver={method}", "solver.engine=vllm", "solver.time_limit_s=5"],
                                               config_dir=config_dir), tmp_path).plan for method in ("llmpq", "pipeedge")}
     for method, plan in plans.items():

@@ -97,7 +97,8 @@ def prompts_file(eos_model, tmp_path_factory) -> Path:
 
 
 def overrides(model: Path, prompts: Path, **extra: str) -> list[str]:
-    out = [f"model.source={model}", "cluster=gen-cpu2", "workload=example-prompts", f"workload.prompts={prompts}",
+    out = [f"model.source={model}", "cluster=gen-cpu2", "workload=example-prompts", "workload.name=example-prompts",
+           f"workload.prompts={prompts}",
            f"workload.max_new_tokens={MAX_NEW}", f"workload.batch={BATCH}"]
     return out + [f"{k}={v}" for k, v in extra.items()]
 

@@ -34,7 +34,9 @@ def profile_rows(device="cpu", noise=0.0, seed=0, bits=(16, 4)):
 
     def add(component, b_, phase, batch, q, c, ms):
         ms = ms * (1 + noise * rng.standard_normal())
-        rows.append({"device": device, "model": "m", "component": component, "bits": b_, "phase": phase,
+        kernel = "fp16" if b_ == 16 else "torch"
+        rows.append({"device": device, "model": "m", "component": component, "bits": b_, "kernel": kernel,
+                     "phase": phase,
                      "batch": batch, "q_tokens": q, "context_len": c, "latency_ms": ms, "latency_ms_p10": ms,
                      "latency_ms_p90": ms, "repeats": 3})
     for b_ in bits:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llmpq.config import QuantSpec, WorkloadSpec, load_device
+from llmpq.config import QuantSpec, WorkloadSpec, default_kernel_table, load_device
 from llmpq.config.types import GIB
 from llmpq.costmodel.memory import (
     gptq_linear_bytes,
+    kernel_workspace_bytes,
     layer_kv_bytes,
     layer_weight_bytes,
     stage_fixed_memory,
@@ -24,6 +25,8 @@ LLAMA_GQA = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14
              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
              "max_position_embeddings": 8192, "tie_word_embeddings": False}
 G128 = QuantSpec("gptq", 128)
+TABLE = default_kernel_table()
+TORCH = {b: TABLE.spec("torch") for b in (8, 4, 3, 2)}  # every quantized bit-width on the generic kernel
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +100,21 @@ def test_stage_memory_is_linear_in_layers(t4):
     w = WorkloadSpec("w", prompt_len=512, gen_len=100, batch=32)
     bits = (16, 8, 4, 4, 3)
     fixed = stage_fixed_memory(shape, t4, w, 8, 16, first=False, last=False)
-    full = stage_memory(shape, t4, bits, w, 8, 16, G128, first=False, last=False)
+    kernels = {8: TABLE.spec("marlin"), 4: TABLE.spec("marlin"), 3: TABLE.spec("torch")}
+    full = stage_memory(shape, t4, bits, w, 8, 16, G128, first=False, last=False, kernels=kernels)
     assert fixed.weights_bytes == fixed.kv_bytes == 0
     assert full.weights_bytes == sum(layer_weight_bytes(shape, b, G128, t4) for b in bits)
     assert full.kv_bytes == len(bits) * layer_kv_bytes(shape, 32, 612, t4)
-    assert full.total_bytes == fixed.total_bytes + full.weights_bytes + full.kv_bytes
+    workspace = kernel_workspace_bytes(shape, t4, kernels)
+    assert workspace == 7168 * 28672 * 2      # the 3-bit torch kernel's fp16 copy of fc1 (Marlin's repack: at load)
+    assert full.total_bytes == fixed.total_bytes + workspace + full.weights_bytes + full.kv_bytes
     assert full.reserve_bytes == t4.reserve_bytes and full.capacity_bytes == int(t4.memory_gib * GIB)
 
 
 def test_kv_rounds_batch_up_to_whole_micro_batches(t4):
     shape = shape_from_config(OPT_30B)
     w = WorkloadSpec("w", prompt_len=128, gen_len=16, batch=10)
-    m = stage_memory(shape, t4, (4,), w, 4, 4, G128, first=False, last=False)
+    m = stage_memory(shape, t4, (4,), w, 4, 4, G128, first=False, last=False, kernels=TORCH)
     assert m.kv_bytes == layer_kv_bytes(shape, 12, 144, t4)   # K_d = 3 micro-batches of 4
 
 
@@ -142,7 +148,8 @@ def test_cpu_capacity_uses_memory_cap():
     shape = shape_from_config(OPT_30B)
     m = stage_fixed_memory(shape, small, WorkloadSpec("w", 8, 2, 1), 1, 1, first=False, last=False)
     assert m.capacity_bytes == int(small.memory_cap_gib * GIB)
-    assert not stage_memory(shape, small, (4,), WorkloadSpec("w", 8, 2, 1), 1, 1, G128, first=False, last=False).fits
+    assert not stage_memory(shape, small, (4,), WorkloadSpec("w", 8, 2, 1), 1, 1, G128, first=False, last=False,
+                            kernels=TORCH).fits
 
 
 @pytest.mark.slow

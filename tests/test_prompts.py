@@ -164,7 +164,7 @@ def test_planning_shape_comes_from_the_file(tiny_opt_dir, tmp_path):
     assert w.prompt_len == -(-sum(lengths) // 3) and w.max_prompt_len == max(lengths) and w.gen_len == 10
     shape = model_shape(exp.model)
     device = exp.devices["cpu-large"]
-    mem = stage_memory(shape, device, (16, 16), w, 2, 2, QuantSpec(), first=True, last=False)
+    mem = stage_memory(shape, device, (16, 16), w, 2, 2, QuantSpec(), first=True, last=False, kernels={})
     assert mem.kv_bytes == 2 * layer_kv_bytes(shape, 4, max(lengths) + 10, device)
     with pytest.raises(PromptsError, match="prompts longer than 2 tokens"):
         read_prompts(replace(exp, workload=replace(exp.workload, gen_len=shape.max_positions - 2)))

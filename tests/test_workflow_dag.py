@@ -20,7 +20,7 @@ def test_default_dag(empty_workdir):
     assert counts["tiny_model"] == 1
     assert counts["profile"] == 2                 # cpu-large and cpu-small
     assert counts["quantize"] == 5                # bits 16, 8, 4, 3, 2
-    assert counts["solve"] == counts["deploy"] == 4 + 2   # s64-n16-b8 x 4 methods, example-prompts x 2
+    assert counts["solve"] == counts["deploy"] == 5 + 2   # s64-n16-b8 x 5 methods, example-prompts x 2
     assert counts["generate"] == 2                # the batch job on examples/prompts.jsonl, per method
     assert counts["evaluate"] == 2
 
@@ -28,7 +28,7 @@ def test_default_dag(empty_workdir):
 @pytest.mark.slow
 def test_plan_only_dag_has_no_weights_work(empty_workdir):
     counts = planned_jobs(empty_workdir, "plan_only")
-    assert counts["solve"] == 4 * 14              # 14 (cluster, workload) cases of the paper x 4 methods
+    assert counts["solve"] == 5 * 14              # 14 (cluster, workload) cases of the paper x 5 methods
     assert "quantize" not in counts and "profile" not in counts and "deploy" not in counts
 
 

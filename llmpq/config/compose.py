@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError
+from .kernels import TABLE_FILE, KernelTable, load_kernel_table
 from .types import Experiment
 from .validate import check_cpu_threads, cluster_spec, device_spec, model_spec, solver_spec, workload_spec
 
@@ -77,6 +78,13 @@ class ConfigSearch:
 
     def options(self, group: str) -> list[str]:
         return sorted({p.stem for d in self.dirs for p in (d / group).glob("*.yaml")})
+
+    def kernel_table_file(self) -> Path:
+        """`kernels.yaml`: the user's config directory's if it has one, else the shipped one."""
+        for d in reversed(self.dirs):
+            if (d / TABLE_FILE).is_file():
+                return d / TABLE_FILE
+        return self.conf_dir / TABLE_FILE
 
     def label(self, group: str, option: str) -> str:
         """The file that defines `group/option`, followed by the files it inherits through its `defaults:` list
@@ -166,8 +174,9 @@ def _cluster_defaults(search: ConfigSearch, chosen: dict[str, str], overrides: S
 
 def _renamed_workload(raw: dict[str, Any], overrides: Sequence[str]) -> None:
     """A workload changed by `workload.KEY=...` overrides gets a name of its own (its artifacts must not land on the
-    paths of the unchanged workload): `<name>-<8 hex of its content>`."""
-    if any(o.lstrip("+~").startswith("workload.") for o in overrides if not o.lstrip("+~").startswith("workload.name=")):
+    paths of the unchanged workload): `<name>-<8 hex of its content>`, unless `workload.name=` names it."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides if o.lstrip("+~").startswith("workload.")]
+    if keys and "workload.name" not in keys:
         body = {k: v for k, v in raw["workload"].items() if k != "name"}
         raw["workload"]["name"] = f"{raw['workload']['name']}-{config_hash(body)[:8]}"
 
@@ -210,6 +219,9 @@ def compose_experiment(
         raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in cluster.device_stems()])
     devices = {s: device_spec(s, search.label("device", s), raw["devices"][s]) for s in cluster.device_stems()}
     check_cpu_threads(cluster_file, cluster, devices)
+    table, raw["kernels"] = _kernel_table(search)
+    for stem, spec in devices.items():
+        table.check_overrides(spec, search.label("device", stem))
     return Experiment(
         model=model_spec(search.label("model", chosen["model"]), raw["model"]),
         cluster=cluster,
@@ -218,7 +230,22 @@ def compose_experiment(
         solver=solver_spec(search.label("solver", chosen["solver"]), raw["solver"]),
         raw=raw,
         config_hash=config_hash({k: v for k, v in raw.items() if k != "experiments"}),
+        kernels=table,
     )
+
+
+def _kernel_table(search: ConfigSearch) -> tuple[KernelTable, dict[str, Any]]:
+    """The kernel table of the search path, and its raw mapping (part of the config hash and rule params)."""
+    import yaml
+
+    path = search.kernel_table_file()
+    table = load_kernel_table(path)
+    return table, yaml.safe_load(path.read_text()) or {}
+
+
+def default_kernel_table() -> KernelTable:
+    """The shipped kernel table (`conf/kernels.yaml` of the default config directory)."""
+    return load_kernel_table(default_conf_dir() / TABLE_FILE)
 
 
 def load_device(stem: str, config_dir: str | Path | None = None, conf_dir: Path | None = None):
@@ -227,7 +254,9 @@ def load_device(stem: str, config_dir: str | Path | None = None, conf_dir: Path 
     if search.file("device", stem) is None:
         raise ConfigError("overrides", "device", f"unknown device {stem!r} (known: {', '.join(search.options('device'))})")
     raw = _hydra_compose(search, [f"+device@devices.{stem}={stem}"])
-    return device_spec(stem, search.label("device", stem), raw["devices"][stem])
+    spec = device_spec(stem, search.label("device", stem), raw["devices"][stem])
+    load_kernel_table(search.kernel_table_file()).check_overrides(spec, search.label("device", stem))
+    return spec
 
 
 def _primary_defaults(path: Path) -> dict[str, str]:

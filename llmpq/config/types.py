@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .kernels import KernelTable
 
 GIB = 1024**3
 
@@ -34,6 +37,8 @@ class DeviceSpec:
     memory_cap_gib: float | None = None
     compute_capability: float | None = None   # GPUs: e.g. 8.0 for an A100; None for CPUs or when not given
     slurm: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    compute_capability: float | None = None          # GPUs: from the spec sheet; None on a CPU
+    kernels: tuple[tuple[int, str], ...] = ()        # (bits, kernel) overriding the menu derived from the capability
 
     @property
     def memory_bytes(self) -> int:
@@ -158,3 +163,4 @@ class Experiment:
     solver: SolverSpec
     raw: dict[str, Any] = field(hash=False, compare=False, repr=False)
     config_hash: str = ""
+    kernels: "KernelTable | None" = field(default=None, hash=False, compare=False, repr=False)  # conf/kernels.yaml

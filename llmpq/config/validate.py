@@ -21,11 +21,12 @@ from .types import (
 )
 
 KNOWN_BITS = (16, 8, 4, 3, 2)
-KNOWN_METHODS = ("llmpq", "pipeedge", "uniform", "adabits", "heuristic")
+KNOWN_METHODS = ("llmpq", "pipeedge", "uniform", "adabits", "heuristic", "uniform-best")
 KNOWN_BACKENDS = ("highs", "cbc")
 KNOWN_SCHEMES = ("gptq", "rtn")
 KNOWN_FAMILIES = ("opt", "bloom", "llama", "qwen2", "mistral")
 KNOWN_ENGINES = ("vllm", "sglang")
+KNOWN_KERNELS = ("fp16", "marlin", "exllama", "triton", "torch")  # weight kernels (conf/kernels.yaml)
 
 
 class Reader:
@@ -108,6 +109,23 @@ def bit_list(value: list) -> str | None:
     return f"unsupported bit-widths {bad} (known: {list(KNOWN_BITS)})" if bad else None
 
 
+def kernel_overrides(r: Reader, bits: tuple[int, ...]) -> tuple[tuple[int, str], ...]:
+    """A device's optional `kernels:` map (bits -> kernel name), checked for known names and listed bits."""
+    raw = r.get("kernels", Mapping, {})
+    out = []
+    for key, name in raw.items():
+        try:
+            b = int(key)
+        except (TypeError, ValueError):
+            raise r.fail(f"kernels.{key}", "keys are bit-widths") from None
+        if b not in bits:
+            raise r.fail(f"kernels.{key}", f"{b} bits is not in this device's bits {list(bits)}")
+        if name not in KNOWN_KERNELS:
+            raise r.fail(f"kernels.{key}", f"unknown kernel {name!r} (known: {', '.join(KNOWN_KERNELS)})")
+        out.append((b, str(name)))
+    return tuple(sorted(out, reverse=True))
+
+
 def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
     r = Reader(file, data)
     kind = r.get("kind", str, "gpu", one_of(("gpu", "cpu")))
@@ -118,6 +136,10 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
     threads = r.get("threads", int, None, positive)
     if kind == "cpu" and threads is None:
         raise r.fail("threads", "missing required key (a cpu device needs its thread count)")
+    capability = r.get("compute_capability", float, None, positive)
+    if kind == "cpu" and capability is not None:
+        raise r.fail("compute_capability", "a cpu device has no compute capability")
+    bits = tuple(r.get("bits", list, check=bit_list))
     spec = DeviceSpec(
         stem=stem,
         name=r.get("name", str),
@@ -126,13 +148,14 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
         mem_bandwidth_gbps=r.get("mem_bandwidth_gbps", float, check=positive),
         fp16_tflops=r.get("fp16_tflops", float, check=positive),
         int8_tops=r.get("int8_tops", float, None, positive),
-        bits=tuple(r.get("bits", list, check=bit_list)),
+        bits=bits,
         reserve_gib=r.get("reserve_gib", float, 0.0, non_negative),
         efficiency=efficiency,
         threads=threads,
         memory_cap_gib=r.get("memory_cap_gib", float, None, positive),
-        compute_capability=r.get("compute_capability", float, None, positive),
         slurm=dict(r.get("slurm", Mapping, {})),
+        compute_capability=capability,
+        kernels=kernel_overrides(r, bits),
     )
     r.finish()
     return spec

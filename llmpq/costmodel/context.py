@@ -59,7 +59,7 @@ def build_context(exp: Experiment, results: Path, shape: ModelShape | None = Non
     from llmpq.models.source import model_shape
 
     shape = shape or model_shape(exp.model)
-    latency = build_latency_model(shape, exp.devices, exp.model.quant, profile_paths(exp, Path(results)))
+    latency = build_latency_model(shape, exp.devices, exp.model.quant, profile_paths(exp, Path(results)), exp.kernels)
     links_file = paths.links_path(Path(results), exp.cluster.name)
     links = read_links(links_file) if links_file.is_file() else {}
     return CostContext(shape=shape, devices=exp.devices, cluster=exp.cluster, workload=exp.workload,

@@ -1,8 +1,9 @@
 """Latency of layers, embedding and head per device: fitted to a profile, else the roofline.
 
-A profile holds, per (component, bits, phase), medians on a rectangular grid of (batch, length), where
-length is the prompt (prefill: q = c = length), the context (decode: q = 1, c = length) or the query
-tokens (embedding); the head has length 1. The fit:
+A profile holds, per (component, bits, kernel, phase), medians on a rectangular grid of (batch, length),
+where length is the prompt (prefill: q = c = length), the context (decode: q = 1, c = length) or the query
+tokens (embedding); the head has length 1. `kernel` is the weight kernel that ran the layer's linears
+(`conf/kernels.yaml`; `fp16` for 16 bits, the embedding and the head). The fit:
 
 - inside the grid: bilinear interpolation (in batch and length, linear coordinates: exact for
   α + β·b + γ·L + δ·b·L) of the grid made monotone along both axes (alternating isotonic regression, so
@@ -11,11 +12,13 @@ tokens (embedding); the head has length 1. The fit:
 - outside the grid: the value at the nearest grid point (coordinates clamped) times the roofline's growth
   along each axis, ρ_b = R(b, L_ref)/R(b*, L_ref) and ρ_L = R(b_ref, L)/R(b_ref, L*) with fixed references
   (the grid's largest batch and length): continuous at the edge (ρ = 1 there) and monotone by construction;
-- a device without a profile (or a component the profile lacks): the roofline from the device config;
-  a bit-width the profile lacks: the roofline at those bits scaled by profile/roofline at the nearest
-  profiled bit-width.
+- a device without a profile (or a component the profile lacks): the roofline from the device config and
+  the kernel's constants; a bit-width the profile lacks: the roofline at those bits scaled by
+  profile/roofline at the nearest bit-width profiled *with the same kernel*; a kernel the profile lacks:
+  its roofline. A profile of one kernel never stands in for another.
 
-The scaling is per device stem, so efficiencies seen on a CPU never leak into a GPU's numbers.
+The scaling is per device stem, so efficiencies seen on a CPU never leak into a GPU's numbers. Every layer
+time names its kernel; `kernel=None` asks for the fastest of the device's menu at that point.
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 
-from llmpq.config import DeviceSpec, QuantSpec
+from llmpq.config import DeviceSpec, KernelTable, QuantSpec, default_kernel_table
+from llmpq.config.kernels import DENSE_BITS, DENSE_KERNEL
 from llmpq.models.shape import ModelShape
 
+from .kernels import kernel_menu
 from .roofline import PHASES, LayerRoofline, embed_roofline_ms, head_roofline_ms
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 COMPONENTS = ("layer", "embed", "head")
-KNOWN_BITS = (16, 8, 4, 3, 2)
-FitKey = tuple[str, int, str]  # (component, bits, phase)
+FitKey = tuple[str, int, str, str]  # (component, bits, kernel, phase)
 
 
 @dataclass(frozen=True)
@@ -128,34 +132,55 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LatencyModel:
-    """Per-device latency of a layer, the embedding and the head (ms); immutable after construction."""
+    """Per-device latency of a layer (per kernel), the embedding and the head (ms); immutable after construction."""
 
     shape: ModelShape
     devices: Mapping[str, DeviceSpec]
     quant: QuantSpec
     fits: Mapping[str, Mapping[FitKey, Grid]] = field(default_factory=dict)  # device stem -> fitted grids
-    _rooflines: Mapping[tuple[str, int], LayerRoofline] = field(init=False, repr=False, compare=False)
+    kernels: KernelTable | None = None   # None: the shipped table
+    _rooflines: dict = field(init=False, repr=False, compare=False)
+    _points: dict = field(init=False, repr=False, compare=False)   # memo of `layer_ms` (a pure function)
+    _menus: Mapping[str, Mapping[int, tuple[str, ...]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", MappingProxyType(dict(self.devices)))
         object.__setattr__(self, "fits", MappingProxyType({d: MappingProxyType(dict(f)) for d, f in self.fits.items()}))
-        object.__setattr__(self, "_rooflines", MappingProxyType({
-            (stem, b): LayerRoofline.of(self.shape, b, self.quant, spec)
-            for stem, spec in self.devices.items() for b in sorted(set(spec.bits) | set(KNOWN_BITS))}))
+        table = self.kernels or default_kernel_table()
+        object.__setattr__(self, "kernels", table)
+        object.__setattr__(self, "_menus", MappingProxyType({
+            stem: MappingProxyType(kernel_menu(table, spec, self.quant, self.shape))
+            for stem, spec in self.devices.items()}))
+        object.__setattr__(self, "_rooflines", {})
+        object.__setattr__(self, "_points", {})
 
     def source(self, device: str) -> str:
         """"profile" where the device has a fitted profile, else "roofline"."""
         self._device(device)
         return "profile" if self.fits.get(device) else "roofline"
 
-    def layer_ms(self, device: str, bits: int, phase: str, batch: int, q_tokens: int, context_len: int) -> float:
-        """t_layer(device, bits, phase, b, q, c): one decoder layer for b sequences of q new tokens (ms)."""
-        return float(self.layer_ms_many(device, bits, phase, batch, q_tokens, np.asarray([context_len]))[0])
+    def menu(self, device: str) -> Mapping[int, tuple[str, ...]]:
+        """bits -> kernels a layer of this model may use on `device` (`costmodel.kernels.kernel_menu`)."""
+        self._device(device)
+        return self._menus[device]
+
+    def layer_ms(self, device: str, bits: int, phase: str, batch: int, q_tokens: int, context_len: int,
+                 kernel: str | None = None) -> float:
+        """t_layer(device, bits, kernel, phase, b, q, c): one decoder layer for b sequences of q new tokens (ms)."""
+        key = (device, bits, phase, batch, q_tokens, context_len, kernel)
+        if key not in self._points:
+            self._points[key] = float(self.layer_ms_many(device, bits, phase, batch, q_tokens,
+                                                         np.asarray([context_len]), kernel)[0])
+        return self._points[key]
 
     def layer_ms_many(self, device: str, bits: int, phase: str, batch: int, q_tokens: int,
-                      context_lens: np.ndarray) -> np.ndarray:
-        """`layer_ms` at many context lengths at once (ms); what the estimator uses for all decode rounds."""
-        self._device(device)
+                      context_lens: np.ndarray, kernel: str | None = None) -> np.ndarray:
+        """`layer_ms` at many context lengths at once (ms); what the estimator uses for all decode rounds.
+        `kernel=None`: the fastest kernel of the device's menu for `bits`, point by point."""
+        if kernel is None:
+            return np.min([self.layer_ms_many(device, bits, phase, batch, q_tokens, context_lens, k)
+                           for k in self.kernels_for(device, bits)], axis=0)
+        self._check_kernel(device, bits, kernel)
         _check(phase, batch, q_tokens)
         c = np.asarray(context_lens, dtype=float)
         b = np.full_like(c, float(batch))
@@ -163,20 +188,28 @@ class LatencyModel:
         def canonical(bb: np.ndarray, length: np.ndarray, at_bits: int) -> np.ndarray:
             """Roofline of the profiled shape: prefill q = c = length, decode q = 1, c = length."""
             q = length if phase == "prefill" else 1.0
-            return self._roofline(device, at_bits).ms(phase, bb, q, length)
+            return self._roofline(device, at_bits, kernel).ms(phase, bb, q, length)
 
         length = np.full_like(c, float(q_tokens)) if phase == "prefill" else c
-        base = self._fitted(device, ("layer", bits, phase), b, length, canonical)
+        base = self._fitted(device, ("layer", bits, kernel, phase), b, length, canonical)
         if q_tokens == 1 if phase == "decode" else bool(np.all(c == q_tokens)):
             return base
-        exact = self._roofline(device, bits).ms(phase, b, float(q_tokens), c)  # off the profiled shape
+        exact = self._roofline(device, bits, kernel).ms(phase, b, float(q_tokens), c)  # off the profiled shape
         return base * _ratio(exact, canonical(b, length, bits))
+
+    def kernels_for(self, device: str, bits: int) -> tuple[str, ...]:
+        """The kernels of the device's menu for `bits`; ValueError when there is none."""
+        names = self.menu(device).get(bits)
+        if not names:
+            raise ValueError(f"device {device} has no kernel for {bits}-bit layers of this model "
+                             f"(its menu: {dict(self.menu(device))})")
+        return names
 
     def embed_ms(self, device: str, phase: str, batch: int, q_tokens: int) -> float:
         """t_embed(device, phase, b, q): token (+ position) embedding of b·q tokens (ms)."""
         spec = self._device(device)
         _check(phase, batch, q_tokens)
-        return float(self._fitted(device, ("embed", 16, phase), np.asarray([float(batch)]),
+        return float(self._fitted(device, ("embed", DENSE_BITS, DENSE_KERNEL, phase), np.asarray([float(batch)]),
                                   np.asarray([float(q_tokens)]),
                                   lambda b, q, _bits: embed_roofline_ms(self.shape, spec, phase, b, q))[0])
 
@@ -184,12 +217,22 @@ class LatencyModel:
         """t_head(device, phase, b): final norm + LM head on the last position + greedy sampling (ms)."""
         spec = self._device(device)
         _check(phase, batch, 1)
-        return float(self._fitted(device, ("head", 16, phase), np.asarray([float(batch)]), np.asarray([1.0]),
+        return float(self._fitted(device, ("head", DENSE_BITS, DENSE_KERNEL, phase), np.asarray([float(batch)]),
+                                  np.asarray([1.0]),
                                   lambda b, _q, _bits: head_roofline_ms(self.shape, spec, phase, b))[0])
 
-    def _roofline(self, device: str, bits: int) -> LayerRoofline:
-        found = self._rooflines.get((device, bits))
-        return found or LayerRoofline.of(self.shape, bits, self.quant, self._device(device))
+    def _check_kernel(self, device: str, bits: int, kernel: str) -> None:
+        if kernel not in self.kernels_for(device, bits):
+            raise ValueError(f"kernel {kernel!r} is not in device {device}'s menu for {bits}-bit layers "
+                             f"({', '.join(self.kernels_for(device, bits))})")
+
+    def _roofline(self, device: str, bits: int, kernel: str) -> LayerRoofline:
+        key = (device, bits, kernel)
+        found = self._rooflines.get(key)
+        if found is None:
+            found = LayerRoofline.of(self.shape, bits, self.quant, self._device(device), self.kernels.spec(kernel))
+            self._rooflines[key] = found
+        return found
 
     def _device(self, device: str) -> DeviceSpec:
         if device not in self.devices:
@@ -200,16 +243,17 @@ class LatencyModel:
                 roof: Callable[..., np.ndarray]) -> np.ndarray:
         """The fitted value at (batch, length), extrapolated along the roofline; the roofline without a fit.
 
-        `roof(batch, length, bits)` is the roofline of the profiled shape (ms).
+        `roof(batch, length, bits)` is the roofline of the profiled shape on the key's kernel (ms). A bit-width
+        without a fit borrows the nearest bit-width fitted with the same kernel, scaled by the roofline ratio.
         """
         fits = self.fits.get(device, {})
-        component, bits, phase = key
+        component, bits, kernel, phase = key
         if key not in fits:
-            profiled = sorted(b for (c, b, p) in fits if c == component and p == phase)
+            profiled = sorted(b for (c, b, k, p) in fits if c == component and k == kernel and p == phase)
             if not profiled:
                 return roof(batch, length, bits)
             near = min(profiled, key=lambda b: (abs(b - bits), -b))
-            return self._fitted(device, (component, near, phase), batch, length, roof) * _ratio(
+            return self._fitted(device, (component, near, kernel, phase), batch, length, roof) * _ratio(
                 roof(batch, length, bits), roof(batch, length, near))
         grid = fits[key]
         bc, lc = grid.clamp(batch, length)
@@ -227,22 +271,24 @@ def _check(phase: str, batch: int, q_tokens: int) -> None:
 
 
 def fit_profile(table: "pa.Table", where: str) -> dict[FitKey, Grid]:
-    """Grids of one device's profile table (a pyarrow Table of the `profile` schema), by (component, bits, phase)."""
+    """Grids of one device's profile table (a pyarrow Table of the `profile` schema), by (component, bits, kernel,
+    phase)."""
     df = table.to_pandas()
     fits: dict[FitKey, Grid] = {}
-    for (component, bits, phase), rows in df.groupby(["component", "bits", "phase"], sort=True):
+    for (component, bits, kernel, phase), rows in df.groupby(["component", "bits", "kernel", "phase"], sort=True):
         if component not in COMPONENTS or phase not in PHASES:
             raise ValueError(f"{where}: unknown component/phase {component!r}/{phase!r}")
         length = rows["context_len"] if component == "layer" and phase == "decode" else rows["q_tokens"]
-        fits[(str(component), int(bits), str(phase))] = Grid.from_points(
+        fits[(str(component), int(bits), str(kernel), str(phase))] = Grid.from_points(
             rows["batch"].to_numpy(float), length.to_numpy(float), rows["latency_ms"].to_numpy(float),
-            f"{where} [{component}, {bits} bits, {phase}]")
+            f"{where} [{component}, {bits} bits, {kernel}, {phase}]")
     return fits
 
 
 def build_latency_model(shape: ModelShape, devices: Mapping[str, DeviceSpec], quant: QuantSpec,
-                        profiles: Mapping[str, Path]) -> LatencyModel:
-    """Fit every device's profile (device stem -> profile parquet); stems without one use the roofline."""
+                        profiles: Mapping[str, Path], kernels: KernelTable | None = None) -> LatencyModel:
+    """Fit every device's profile (device stem -> profile parquet); stems without one use the roofline of each
+    kernel (`kernels`, default the shipped table)."""
     from llmpq.artifacts import read_table
 
     fits: dict[str, dict[FitKey, Grid]] = {}
@@ -254,4 +300,4 @@ def build_latency_model(shape: ModelShape, devices: Mapping[str, DeviceSpec], qu
         if stems - {stem}:
             raise ValueError(f"{path}: profile of device(s) {sorted(stems)}, expected {stem!r}")
         fits[stem] = fit_profile(table, str(path))
-    return LatencyModel(shape=shape, devices=devices, quant=quant, fits=fits)
+    return LatencyModel(shape=shape, devices=devices, quant=quant, fits=fits, kernels=kernels)

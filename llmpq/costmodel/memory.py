@@ -5,16 +5,19 @@ MLPs count right. The 16-bit dtype is fp16 on a GPU and fp32 on a CPU (CPU stage
 is the dtype of dense weights, norms, the embedding, the head, activations and the KV cache.
 
 A stage's memory is `stage_fixed_memory` (what does not depend on which layers it holds) plus, for each
-of its layers, `layer_weight_bytes + layer_kv_bytes`: linear in the layers, as the solver's MILP needs.
+of its layers, `layer_weight_bytes + layer_kv_bytes`: linear in the layers, as the solver's MILP needs;
+plus the workspace of its weight kernels (`kernel_workspace_bytes`, the largest of them: the MILP adds it
+per stage through one variable). `stage_memory` is the one accounting of a stage: the solver's exact
+score, deploy's cap check and the benchmarks all call it, with the kernels the plan records.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from llmpq.config import DeviceSpec, QuantSpec, WorkloadSpec
+from llmpq.config import DeviceSpec, KernelSpec, QuantSpec, WorkloadSpec
 from llmpq.config.types import GIB
 from llmpq.models.shape import LayerShape, LinearShape, ModelShape
 
@@ -23,8 +26,8 @@ FP16_BYTES = 2
 FP32_BYTES = 4
 TOKEN_ID_BYTES = 8          # int64 token ids on the return link
 PACK_BITS = 32              # GPTQ packs codes into int32 words
-DEQUANT_BYTES_PER_PARAM = 8  # CPU weight-only kernels: fp16 dequantized copy + fp32 cast + int16 codes
 QUANTIZED_SCHEMES = ("gptq", "rtn")
+POSTED_MESSAGES = 2         # hidden-state receives a stage keeps posted, and sends it keeps in flight (runtime)
 
 
 @dataclass(frozen=True)
@@ -62,28 +65,32 @@ def capacity_bytes(device: DeviceSpec) -> int:
     return int(gib * GIB)
 
 
-def gptq_linear_bytes(in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> int:
-    """Bytes of one GPTQ-packed linear (the checkpoint layout GPTQModel writes and loads).
+def gptq_linear_bytes(in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                      float_bytes: int = FP16_BYTES) -> int:
+    """Bytes of one GPTQ-packed linear as a loaded module holds it (the checkpoint layout GPTQModel writes and loads).
 
     With G = ceil(in / group_size) groups (G = 1 for group_size <= 0, per channel):
-    qweight int32 [ceil(in·bits/32), out] + qzeros int32 [G, ceil(out·bits/32)] + scales fp16 [G, out]
-    + g_idx int32 [in] + bias fp16 [out].
+    qweight int32 [ceil(in·bits/32), out] + qzeros int32 [G, ceil(out·bits/32)] + scales [G, out]
+    + g_idx int32 [in] + bias [out], scales and bias in `float_bytes` (fp16 in the file; the module casts
+    them to the compute dtype at load: fp32 on a CPU).
     """
     groups = math.ceil(in_features / group_size) if group_size > 0 else 1
     qweight = math.ceil(in_features * bits / PACK_BITS) * out_features * INT32_BYTES
     qzeros = groups * math.ceil(out_features * bits / PACK_BITS) * INT32_BYTES
-    scales = groups * out_features * FP16_BYTES
+    scales = groups * out_features * float_bytes
     g_idx = in_features * INT32_BYTES
-    return qweight + qzeros + scales + g_idx + (out_features * FP16_BYTES if bias else 0)
+    return qweight + qzeros + scales + g_idx + (out_features * float_bytes if bias else 0)
 
 
 def linear_weight_bytes(linear: LinearShape, bits: int, quant: QuantSpec, device: DeviceSpec) -> int:
-    """Bytes of one linear at `bits`: 16 = dense weight + bias in the 16-bit dtype, else the scheme's packing."""
+    """Bytes of one linear at `bits`: 16 = dense weight + bias in the 16-bit dtype, else the scheme's packing
+    (scales and bias in the 16-bit dtype)."""
     if bits >= 16:
         return linear.params * dtype_bytes(device)
     if quant.scheme not in QUANTIZED_SCHEMES:
         raise ValueError(f"unknown quantization scheme {quant.scheme!r} (known: {', '.join(QUANTIZED_SCHEMES)})")
-    return gptq_linear_bytes(linear.in_features, linear.out_features, linear.bias, bits, quant.group_size)
+    return gptq_linear_bytes(linear.in_features, linear.out_features, linear.bias, bits, quant.group_size,
+                             dtype_bytes(device))
 
 
 def layer_weight_bytes(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec) -> int:
@@ -131,42 +138,64 @@ def activation_peak_bytes(shape: ModelShape, device: DeviceSpec, batch: int, q_t
     return max(attn, mlp) * dtype_bytes(device)
 
 
-def dequant_workspace_bytes(shape: ModelShape, device: DeviceSpec) -> int:
-    """Scratch of CPU weight-only kernels, which dequantize a whole linear per call (bytes).
+def kernel_workspace_bytes(shape: ModelShape, device: DeviceSpec, kernels: Mapping[int, KernelSpec]) -> int:
+    """W_k: the run-time workspace of a stage's weight kernels (bytes) = the largest over its (bits, kernel) pairs of
 
-    = max_linear(in · out) · 8 on a CPU (fp16 dequantized weight, its fp32 cast, int16 codes); 0 on a GPU,
-    whose kernels dequantize in registers.
+    - `per_call` (a kernel that dequantizes the whole weight on each call: torch, triton) and `persistent`
+      (ExLlama's scratch, held for the run): max_linear(in·out) · bytes per weight (`workspace_bytes_per_weight`
+      of the device kind: the 16-bit weight on a GPU, the measured peak of the eager dequantization on a CPU);
+    - `repack` (Marlin) and `none` (the dense kernel): 0 at run time (see `load_workspace_bytes`).
     """
-    if device.kind != "cpu":
-        return 0
-    return max(lin.weight_params for lin in shape.layer.linears) * DEQUANT_BYTES_PER_PARAM
+    largest = max(lin.weight_params for lin in shape.layer.linears)
+    out = 0.0
+    for bits, spec in kernels.items():
+        if spec.workspace in ("per_call", "persistent"):
+            out = max(out, largest * spec.workspace_bytes_per_weight.get(device.kind, dtype_bytes(device)))
+    return int(math.ceil(out))
+
+
+def load_workspace_bytes(shape: ModelShape, kernels: Mapping[int, KernelSpec]) -> int:
+    """The load-time transient of kernels that repack their weight (Marlin): max_linear(in·out)·bits/8, the packed
+    weight written once more while the old one is alive (bytes). It happens before the KV cache and activations
+    exist, so it counts only where it exceeds them (`stage_memory`)."""
+    largest = max(lin.weight_params for lin in shape.layer.linears)
+    return int(math.ceil(max((largest * bits / 8 for bits, spec in kernels.items() if spec.workspace == "repack"),
+                             default=0.0)))
 
 
 def activations_bytes(shape: ModelShape, device: DeviceSpec, workload: WorkloadSpec, b_p: int, b_d: int,
                       *, scores_materialized: bool | None = None) -> int:
-    """A_j: the activation peak of the larger phase at its own micro-batch, plus the dequant scratch (bytes).
+    """A_j: the activation peak of the larger phase at its own micro-batch (bytes).
 
-    = max(A_peak(b_p, q=s, c=s), A_peak(b_d, q=1, c=s+n)) + dequant workspace; scores counted where the
-    family's attention materializes them (`materializes_scores`), unless told otherwise.
+    = max(A_peak(b_p, q=s, c=s), A_peak(b_d, q=1, c=s+n)); scores counted where the family's attention
+    materializes them (`materializes_scores`), unless told otherwise.
     """
     if scores_materialized is None:
         scores_materialized = materializes_scores(shape)
     s, n = workload.longest_prompt, workload.gen_len
     prefill = activation_peak_bytes(shape, device, b_p, s, s, scores_materialized=scores_materialized)
     decode = activation_peak_bytes(shape, device, b_d, 1, s + n, scores_materialized=scores_materialized)
-    return max(prefill, decode) + dequant_workspace_bytes(shape, device)
+    return max(prefill, decode)
 
 
 def buffers_bytes(shape: ModelShape, device: DeviceSpec, workload: WorkloadSpec, b_p: int, b_d: int,
                   *, first: bool, last: bool) -> int:
-    """Send + receive buffers of a stage (bytes), each sized for the larger phase.
+    """The message buffers the runtime holds on a stage (bytes); none for a one-stage pipeline (first and last).
 
-    Hidden payload = max(b_p·s, b_d) · hidden · dtype; token ids = max(b_p, b_d) · 8. The first stage
-    receives token ids (from the last), the last sends them; every other end moves hidden states.
+    The runtime keeps at most P = 2 hidden-state receives posted and P sends in flight per phase
+    (`POSTED_MESSAGES`), each b·q·hidden·d (prefill q = s, decode q = 1): hidden = max over the phases of
+    min(K, P)·b·q·hidden·d, for the receiving end (every stage but the first) and the sending end (every
+    stage but the last). The first stage keeps one token-id receive posted per micro-batch in flight:
+    max(K_p·b_p, K_d·b_d)·8; the last keeps up to P token sends of b·8.
     """
-    hidden = max(b_p * workload.longest_prompt, b_d) * shape.hidden * dtype_bytes(device)
-    ids = max(b_p, b_d) * TOKEN_ID_BYTES
-    return (ids if first else hidden) + (ids if last else hidden)
+    if first and last:
+        return 0
+    s, d = workload.longest_prompt, dtype_bytes(device)
+    k_p, k_d = -(-workload.batch // b_p), -(-workload.batch // b_d)
+    hidden = max(min(k_p, POSTED_MESSAGES) * b_p * s, min(k_d, POSTED_MESSAGES) * b_d) * shape.hidden * d
+    recv = max(k_p * b_p, k_d * b_d) * TOKEN_ID_BYTES if first else hidden
+    send = max(min(k_p, POSTED_MESSAGES) * b_p, min(k_d, POSTED_MESSAGES) * b_d) * TOKEN_ID_BYTES if last else hidden
+    return recv + send
 
 
 def embed_bytes(shape: ModelShape, device: DeviceSpec) -> int:
@@ -186,18 +215,20 @@ def head_bytes(shape: ModelShape, device: DeviceSpec, batch: int, *, with_embedd
 
 def stage_fixed_memory(shape: ModelShape, device: DeviceSpec, workload: WorkloadSpec, b_p: int, b_d: int, *,
                        first: bool, last: bool, head_on_first: bool = False,
-                       scores_materialized: bool | None = None) -> StageMemory:
+                       scores_materialized: bool | None = None, workspace_bytes: int = 0) -> StageMemory:
     """The part of a stage's memory that does not depend on its layers (weights_bytes = kv_bytes = 0).
 
-    Activations peak (larger phase), send/receive buffers, the embedding on the first stage, the LM head
-    and last-position logits on the stage that runs it (the last, or the first with `head_on_first`),
-    the device's reserve; capacity from the device.
+    Activations peak (larger phase) plus the kernels' workspace (`workspace_bytes`, in `activations_bytes`),
+    send/receive buffers, the embedding on the first stage, the LM head and last-position logits on the
+    stage that runs it (the last, or the first with `head_on_first`), the device's reserve; capacity from
+    the device.
     """
     runs_head = (first and head_on_first) or (last and not head_on_first)
     return StageMemory(
         weights_bytes=0,
         kv_bytes=0,
-        activations_bytes=activations_bytes(shape, device, workload, b_p, b_d, scores_materialized=scores_materialized),
+        activations_bytes=activations_bytes(shape, device, workload, b_p, b_d, scores_materialized=scores_materialized)
+        + workspace_bytes,
         embed_bytes=embed_bytes(shape, device) if first else 0,
         head_bytes=head_bytes(shape, device, max(b_p, b_d), with_embedding=first) if runs_head else 0,
         buffers_bytes=buffers_bytes(shape, device, workload, b_p, b_d, first=first, last=last),
@@ -212,15 +243,24 @@ def kv_sequences(workload: WorkloadSpec, b_d: int) -> int:
 
 
 def stage_memory(shape: ModelShape, device: DeviceSpec, bits: Sequence[int], workload: WorkloadSpec, b_p: int,
-                 b_d: int, quant: QuantSpec, *, first: bool, last: bool, head_on_first: bool = False,
-                 scores_materialized: bool | None = None) -> StageMemory:
-    """M_j = fixed + Σ_{i in stage} (W_i(b_i) + KV_i(K_d·b_d sequences, s + n)) (bytes).
+                 b_d: int, quant: QuantSpec, *, first: bool, last: bool, kernels: Mapping[int, KernelSpec],
+                 head_on_first: bool = False, scores_materialized: bool | None = None) -> StageMemory:
+    """M_j = max(fixed + W_k + Σ_{i in stage} (W_i(b_i) + KV_i(K_d·b_d sequences, s + n)), load peak) (bytes).
 
-    Memory terms take s as the workload's longest prompt (`WorkloadSpec.longest_prompt`: prompt_len for a
-    sampled workload, the longest prompt of a prompts file), time terms its planning length.
+    `kernels`: the weight kernel of each of the stage's bit-widths (for the run-time workspace W_k,
+    `kernel_workspace_bytes`, counted in `activations_bytes`); the load peak is weights + embedding + head +
+    reserve + the repacking transient (`load_workspace_bytes`), and where it exceeds the run-time total the
+    difference is added to `activations_bytes` too. The one accounting of a stage (module docstring).
     """
+    missing = sorted(b for b in set(bits) if b < 16 and b not in kernels)
+    if missing:
+        raise ValueError(f"stage_memory: no weight kernel given for bits {missing}")
+    used = {b: kernels[b] for b in set(bits) if b < 16}
     fixed = stage_fixed_memory(shape, device, workload, b_p, b_d, first=first, last=last,
-                               head_on_first=head_on_first, scores_materialized=scores_materialized)
+                               head_on_first=head_on_first, scores_materialized=scores_materialized,
+                               workspace_bytes=kernel_workspace_bytes(shape, device, used))
     weights = sum(layer_weight_bytes(shape, b, quant, device) for b in bits)
     kv = len(bits) * layer_kv_bytes(shape, kv_sequences(workload, b_d), workload.kv_len, device)
-    return replace(fixed, weights_bytes=weights, kv_bytes=kv)
+    run = replace(fixed, weights_bytes=weights, kv_bytes=kv)
+    load = weights + run.embed_bytes + run.head_bytes + run.reserve_bytes + load_workspace_bytes(shape, used)
+    return replace(run, activations_bytes=run.activations_bytes + max(0, load - run.total_bytes))

@@ -1,10 +1,12 @@
-"""Roofline latency from the device config: max(bytes moved / (bandwidth·eff), FLOPs / (peak·eff)).
+"""Roofline latency from the device config and the weight kernel: max(bytes / (bandwidth·η), FLOPs / (peak·η)) per part.
 
 Used for devices without a profile and, scaled to the nearest profiled point, outside a profile's grid.
-Every function takes scalars or numpy arrays (batch, tokens, context) and broadcasts.
-Weight-only quantized kernels (8/4/3/2 bits) compute in the 16-bit dtype: they move fewer weight bytes
-but are bounded by the fp16 peak (`int8_tops` is the W8A8 peak, which no kernel here uses). A CPU
-device's `fp16_tflops` is one core's fp32 FMA rate, so its peak scales with `threads`.
+Every function takes scalars or numpy arrays (batch, tokens, context) and broadcasts. A layer is its
+linears, each timed on the kernel that runs it (`linear_ms`, constants from `conf/kernels.yaml`: a fused
+quantized GEMM reads fewer weight bytes but computes slower than the dense GEMM as rows grow; a kernel that
+materialises the weight pays its dequantization on top of the dense GEMM), plus attention over the KV
+cache. Weight-only kernels compute in the 16-bit dtype (`int8_tops` is the W8A8 peak, which no kernel
+here uses). A CPU device's `fp16_tflops` is one core's fp32 FMA rate, so its peak scales with `threads`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmpq.config import DeviceSpec, QuantSpec
-from llmpq.models.shape import ModelShape
+from llmpq.config import DeviceSpec, KernelSpec, KernelTable, QuantSpec, default_kernel_table
+from llmpq.models.shape import LinearShape, ModelShape
 
-from .memory import FP32_BYTES, dtype_bytes, layer_weight_bytes
+from .kernels import kernel_menu
+from .memory import FP32_BYTES, dtype_bytes, linear_weight_bytes
 
 PHASES = ("prefill", "decode")
 
@@ -43,63 +46,116 @@ def roofline_ms(flops: float, nbytes: float, device: DeviceSpec, phase: str) -> 
 
 
 @dataclass(frozen=True)
-class LayerRoofline:
-    """The roofline of one decoder layer at fixed (shape, bits, device), its constants precomputed.
+class LinearCost:
+    """One linear's constants: in (K) and out (N) features, its dense bytes (weight + bias in the 16-bit dtype) and
+    its packed bytes at the layer's bits (`memory.linear_weight_bytes`; the dense bytes at 16 bits)."""
 
-    weight_bytes = W(bits); linear_params = Σ in·out; io_width = Σ (in + out); kv_width = 2·kv_heads·head_dim;
-    attn_width = heads·head_dim; d = bytes of the 16-bit dtype.
+    k: float
+    n: float
+    dense_bytes: float
+    packed_bytes: float
+
+    @staticmethod
+    def of(linear: LinearShape, bits: int, quant: QuantSpec, device: DeviceSpec) -> "LinearCost":
+        d = dtype_bytes(device)
+        return LinearCost(float(linear.in_features), float(linear.out_features), float(linear.params * d),
+                          float(linear_weight_bytes(linear, bits, quant, device)))
+
+
+def gemm_ms(device: DeviceSpec, phase: str, lin: LinearCost, rows, d: int):
+    """The dense GEMM of one linear over `rows` = b·q rows (ms):
+    max((d·K·N [+ bias] + d·rows·(K + N)) / (BW·η), 2·rows·K·N / (P·η))."""
+    act = d * rows * (lin.k + lin.n)
+    return roofline_ms(2.0 * rows * lin.k * lin.n, lin.dense_bytes + act, device, phase)
+
+
+def linear_ms(kernel: KernelSpec, bits: int, device: DeviceSpec, phase: str, lin: LinearCost, rows, d: int):
+    """t_kernel(rows) of one linear on one kernel (ms), rows = b·q (`KernelSpec` names the constants):
+
+    - the dense kernel (16 bits): `gemm_ms`;
+    - fused (rows ≤ R = fused_max_rows[bits]): max((packed / e + d·rows·(K + N)) / (BW·η),
+      2·rows·K·N · s(rows) / (P·η)), e = bandwidth_efficiency[bits], s = compute_slowdown;
+    - materialising (rows > R): (packed + p·d·K·N) / (BW·η) + `gemm_ms`: the packed weight read, the
+      dequantized weight written (p = dequant_passes of the device kind), then read again by the dense GEMM.
+    """
+    rows = np.asarray(rows, dtype=float)
+    dense = gemm_ms(device, phase, lin, rows, d)
+    if bits >= 16:
+        return dense
+    eta = efficiency(device, phase)
+    passes = kernel.dequant_passes.get(device.kind, 1.0)
+    materialise = dense + (lin.packed_bytes + passes * d * lin.k * lin.n) / (device.mem_bandwidth_gbps * 1e9 * eta) * 1e3
+    limit = kernel.fused_rows(bits)
+    if limit <= 0:
+        return materialise
+    e = kernel.bandwidth_efficiency.get(bits, 1.0)
+    fused = roofline_ms(2.0 * rows * lin.k * lin.n * kernel.slowdown(rows),
+                        lin.packed_bytes / e + d * rows * (lin.k + lin.n), device, phase)
+    return np.where(rows <= limit, fused, materialise)
+
+
+@dataclass(frozen=True)
+class LayerRoofline:
+    """The roofline of one decoder layer at fixed (shape, bits, kernel, device), its constants precomputed.
+
+    t_layer = Σ_linears `linear_ms`(kernel, rows = b·q) + attention, where attention is the roofline of
+    F = 4·b·q·c·heads·head_dim (QKᵀ and PV) and M = d·b·(c + q)·2·kv_heads·head_dim + norms·d (the KV cache
+    read over the context and written for the new tokens, the norm weights); d = bytes of the 16-bit dtype.
     """
 
     device: DeviceSpec
-    weight_bytes: float
-    linear_params: float
-    io_width: float
+    kernel: KernelSpec
+    bits: int
+    linears: tuple[LinearCost, ...]
+    norm_bytes: float
     kv_width: float
     attn_width: float
     d: int
 
     @staticmethod
-    def of(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec) -> "LayerRoofline":
-        linears = shape.layer.linears
-        return LayerRoofline(device, float(layer_weight_bytes(shape, bits, quant, device)),
-                             float(sum(lin.weight_params for lin in linears)),
-                             float(sum(lin.in_features + lin.out_features for lin in linears)),
-                             float(2 * shape.kv_dim), float(shape.heads * shape.head_dim), dtype_bytes(device))
+    def of(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec, kernel: KernelSpec) -> "LayerRoofline":
+        d = dtype_bytes(device)
+        linears = tuple(LinearCost.of(lin, bits, quant, device) for lin in shape.layer.linears)
+        return LayerRoofline(device, kernel, bits, linears, float(shape.layer.norm_params * d), float(2 * shape.kv_dim),
+                             float(shape.heads * shape.head_dim), d)
 
-    def flops(self, batch, q_tokens, context_len):
-        """F_layer = 2·b·q·Σ(in·out) + 4·b·q·c·heads·head_dim (QKᵀ and PV) (FLOPs)."""
-        return batch * q_tokens * (2.0 * self.linear_params + 4.0 * context_len * self.attn_width)
-
-    def bytes_moved(self, batch, q_tokens, context_len):
-        """M_layer = W(bits) + d·b·q·Σ(in + out) + d·b·(c + q)·2·kv_heads·head_dim (bytes).
-
-        Weights once, every linear's input and output, the KV cache read over the context and written for
-        the new tokens.
-        """
-        return self.weight_bytes + self.d * batch * (q_tokens * self.io_width + (context_len + q_tokens) * self.kv_width)
+    def attention_ms(self, phase: str, batch, q_tokens, context_len):
+        """Attention over the KV cache, and the norms (ms): see the class docstring."""
+        flops = 4.0 * batch * q_tokens * context_len * self.attn_width
+        nbytes = self.norm_bytes + self.d * batch * (context_len + q_tokens) * self.kv_width
+        return roofline_ms(flops, nbytes, self.device, phase)
 
     def ms(self, phase: str, batch, q_tokens, context_len):
         """Roofline time of the layer (ms)."""
-        return roofline_ms(self.flops(batch, q_tokens, context_len), self.bytes_moved(batch, q_tokens, context_len),
-                           self.device, phase)
+        rows = np.asarray(batch, dtype=float) * np.asarray(q_tokens, dtype=float)
+        total = self.attention_ms(phase, batch, q_tokens, context_len)
+        for lin in self.linears:
+            total = total + linear_ms(self.kernel, self.bits, self.device, phase, lin, rows, self.d)
+        return total
 
 
-def layer_flops(shape: ModelShape, batch: int, q_tokens: int, context_len: int) -> float:
-    """F_layer = 2·b·q·Σ_linears(in·out) + 4·b·q·c·heads·head_dim (QKᵀ and PV) (FLOPs)."""
-    linear = sum(lin.weight_params for lin in shape.layer.linears)
-    return batch * q_tokens * (2.0 * linear + 4.0 * context_len * shape.heads * shape.head_dim)
-
-
-def layer_bytes_moved(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec, batch: int,
-                      q_tokens: int, context_len: int) -> float:
-    """M_layer = W(bits) + d·b·q·Σ_linears(in + out) + d·b·(c + q)·2·kv_heads·head_dim (bytes) (`LayerRoofline`)."""
-    return LayerRoofline.of(shape, bits, quant, device).bytes_moved(batch, q_tokens, context_len)
+def kernel_ratio(kernel: KernelSpec, bits: int, device: DeviceSpec, linear: LinearShape, quant: QuantSpec, rows,
+                 phase: str = "decode"):
+    """t_kernel(rows) / t_fp16(rows) of one linear (dimensionless; the device's efficiency cancels out)."""
+    d = dtype_bytes(device)
+    cost = LinearCost.of(linear, bits, quant, device)
+    dense = LinearCost.of(linear, 16, quant, device)
+    return linear_ms(kernel, bits, device, phase, cost, rows, d) / gemm_ms(device, phase, dense, rows, d)
 
 
 def layer_roofline_ms(shape: ModelShape, bits: int, quant: QuantSpec, device: DeviceSpec, phase: str, batch: int,
-                      q_tokens: int, context_len: int) -> float:
-    """Roofline time of one decoder layer (ms)."""
-    return LayerRoofline.of(shape, bits, quant, device).ms(phase, batch, q_tokens, context_len)
+                      q_tokens: int, context_len: int, kernel: KernelSpec | None = None,
+                      table: KernelTable | None = None) -> float:
+    """Roofline time of one decoder layer (ms) on `kernel`; None: the fastest kernel of the device's menu for `bits`
+    at this point (`table`, default the shipped one)."""
+    if kernel is not None:
+        return float(LayerRoofline.of(shape, bits, quant, device, kernel).ms(phase, batch, q_tokens, context_len))
+    table = table or default_kernel_table()
+    names = kernel_menu(table, device, quant, shape).get(bits)
+    if not names:
+        raise ValueError(f"device {device.stem} has no kernel for {bits}-bit layers")
+    return min(float(LayerRoofline.of(shape, bits, quant, device, table.spec(n)).ms(phase, batch, q_tokens, context_len))
+               for n in names)
 
 
 def embed_roofline_ms(shape: ModelShape, device: DeviceSpec, phase: str, batch: int, q_tokens: int) -> float:

@@ -1,6 +1,8 @@
 """`llmpq profile device=STEM model=NAME`: time one real decoder layer, the embedding and the head on a grid.
 
-For every bit-width the device supports: prefill (b prompts of s tokens, context s) on batches ×
+For every bit-width the device supports and every weight kernel of the device's menu for it
+(`costmodel.kernels.kernel_menu`: on a CPU `torch`, on a GPU also `marlin`, `exllama`, `triton` where they
+run; each row records the kernel it timed): prefill (b prompts of s tokens, context s) on batches ×
 prompt_lens, and decode (b sequences, one new token over a KV cache of c keys) on batches × contexts;
 the embedding on the same (b, q) points and the head (last position + greedy sampling) per batch.
 Each point gets `warmup` untimed calls, then one timed call per interleaved pass over the grid, for at
@@ -24,8 +26,10 @@ from tqdm.auto import tqdm
 
 from llmpq import paths
 from llmpq.artifacts import provenance, write_table
-from llmpq.config import DeviceSpec, QuantSpec, load_device
+from llmpq.config import DeviceSpec, KernelTable, QuantSpec, default_kernel_table, load_device
 from llmpq.config.compose import config_hash
+from llmpq.config.kernels import DENSE_KERNEL
+from llmpq.costmodel.kernels import kernel_menu
 from llmpq.costmodel.memory import (
     activation_peak_bytes,
     capacity_bytes,
@@ -39,7 +43,7 @@ from llmpq.models.shape import ModelShape, shape_from_config
 
 from .timing import build_parts, embed_call, head_call, layer_call, measure_interleaved, quantize_randomly, torch_threads
 
-QUANT_MODULE = "gptqmodel TorchLinear (eager dequantize + matmul)"
+QUANT_MODULE = "gptqmodel quantized linears per kernel (see the rows' kernel column); TorchLinear eager"
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,15 @@ def torch_device(device: DeviceSpec) -> tuple[torch.device, torch.dtype]:
 
 
 def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, quant: QuantSpec, grid: ProfileGrid,
-                 bits: Sequence[int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Time every grid point of the layer (per bit-width), the embedding and the head: rows of the `profile` table."""
+                 bits: Sequence[int] | None = None, progress: bool = True,
+                 kernels: KernelTable | None = None) -> list[dict[str, Any]]:
+    """Time every grid point of the layer (per bit-width and kernel of the device's menu), the embedding and the
+    head: rows of the `profile` table."""
     shape = shape_from_config(hf_config)
     grid = grid.capped(shape.max_positions)
-    bits = tuple(bits if bits is not None else device.bits)
+    menu = kernel_menu(kernels or default_kernel_table(), device, quant, shape)
+    bits = tuple(b for b in (bits if bits is not None else device.bits) if b in menu)
+    timed = [(b, k) for b in bits for k in menu[b]]
     dev, dtype = torch_device(device)
     # A CPU device's memory is a planning cap on a slice of this machine, not a physical limit: time everything.
     physical = device.kind != "cpu"
@@ -127,8 +135,9 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
               file=sys.stderr)
     rows: list[dict[str, Any]] = []
 
-    def row(component: str, b_: int, phase: str, batch: int, q: int, c: int, t) -> dict[str, Any]:
-        return {"device": device.stem, "model": model, "component": component, "bits": b_, "phase": phase,
+    def row(component: str, b_: int, kernel: str, phase: str, batch: int, q: int, c: int, t) -> dict[str, Any]:
+        return {"device": device.stem, "model": model, "component": component, "bits": b_, "kernel": kernel,
+                "phase": phase,
                 "batch": batch, "q_tokens": q, "context_len": c, "latency_ms": t.median_ms,
                 "latency_ms_p10": t.p10_ms, "latency_ms_p90": t.p90_ms, "repeats": t.repeats}
 
@@ -136,30 +145,31 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
     points += [("decode", b, 1, c) for b in grid.batches for c in grid.contexts]
     ends = [("embed", p, b, q) for p, b, q, _ in points if p == "prefill"] + [("embed", "decode", b, 1) for b in grid.batches]
     ends += [("head", p, b, 1) for p in ("prefill", "decode") for b in grid.batches]
-    total = (len(bits) * len(points) if with_layer else 0) + (len(ends) if with_ends else 0)
+    total = (len(timed) * len(points) if with_layer else 0) + (len(ends) if with_ends else 0)
     with torch_threads(device.threads if device.kind == "cpu" else None), \
             tqdm(total=total, desc=f"profile {model} on {device.stem}", disable=not progress) as bar:
         timing = {"warmup": grid.warmup, "repeats": grid.repeats, "min_time_ms": grid.min_time_ms,
                   "max_repeats": grid.max_repeats, "device": dev, "on_done": bar.update}
         parts = build_parts(hf_config, dev, dtype, layer=with_layer, ends=with_ends)
-        for b_ in bits if with_layer else ():
-            layer = quantize_randomly(parts.layer, b_, quant.group_size, dev)
+        for b_, kernel in timed if with_layer else ():
+            layer = quantize_randomly(parts.layer, b_, quant.group_size, dev, kernel)
             makers = [partial(layer_call, parts, layer, batch, q, c, dev, dtype) for _, batch, q, c in points]
             for (phase, batch, q, c), t in zip(points, measure_interleaved(makers, **timing)):
-                rows.append(row("layer", b_, phase, batch, q, c, t))
+                rows.append(row("layer", b_, kernel, phase, batch, q, c, t))
             del layer, makers
         if with_ends:
             makers = [partial(embed_call, parts, batch, q, dev) if component == "embed"
                       else partial(head_call, parts, batch, dev, dtype) for component, _, batch, q in ends]
             for (component, phase, batch, q), t in zip(ends, measure_interleaved(makers, **timing)):
-                rows.append(row(component, 16, phase, batch, q, q, t))
+                rows.append(row(component, 16, DENSE_KERNEL, phase, batch, q, q, t))
     return rows
 
 
 def profile_to(out: Path, hf_config: Mapping[str, Any], model: str, device: DeviceSpec, quant: QuantSpec,
-               grid: ProfileGrid, bits: Sequence[int] | None = None, progress: bool = True) -> Path:
+               grid: ProfileGrid, bits: Sequence[int] | None = None, progress: bool = True,
+               kernels: KernelTable | None = None) -> Path:
     """Profile and write the `profile` table to `out` (atomic), with the grid and settings in its metadata."""
-    rows = profile_rows(hf_config, model, device, quant, grid, bits, progress)
+    rows = profile_rows(hf_config, model, device, quant, grid, bits, progress, kernels)
     settings = {"grid": asdict(grid), "quant": asdict(quant), "threads": device.threads,
                 "dtype_bytes": dtype_bytes(device), "quant_module": QUANT_MODULE}
     meta = provenance(config_hash({"device": asdict(device), "model": dict(hf_config), **settings}),
@@ -177,6 +187,7 @@ def cli_profile(exp, args) -> int:
     device = exp.devices.get(args.device) or load_device(args.device, args.config_dir)
     grid = ProfileGrid.from_config(exp.raw.get("profile"))
     out = args.out or paths.profile_path(args.results, device.stem, exp.model.name)
-    path = profile_to(Path(out), hf_config_dict(exp.model), exp.model.name, device, exp.model.quant, grid)
+    path = profile_to(Path(out), hf_config_dict(exp.model), exp.model.name, device, exp.model.quant, grid,
+                      kernels=exp.kernels)
     print(f"wrote {path}")
     return 0

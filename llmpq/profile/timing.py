@@ -2,10 +2,11 @@
 
 - Modules are built from the HF config on the `meta` device (a one-layer model, so nothing of the full
   model is allocated) and only the parts timed are materialised, with random weights.
-- Quantized bit-widths replace every linear of the layer by GPTQModel's `TorchLinear` (the module the
-  runtime loads per-layer GPTQ files into) filled with random packed codes. It is run eagerly: its
-  `torch.compile` of the dequantization is skipped (it costs 3–30 s per shape on a CPU and falls back to
-  eager after a few recompiles), so a profile measures the eager kernel.
+- Quantized bit-widths replace every linear of the layer by the GPTQModel module of the weight kernel
+  being timed (`torch`: `TorchLinear`; on a GPU also `triton`, `exllama`, `marlin`), built and finalized
+  by the same code as the runtime's loader (`llmpq.quantize.gptq_layout`) from random packed codes.
+  `TorchLinear` runs eagerly: its `torch.compile` of the dequantization is skipped (it costs 3–30 s per
+  shape on a CPU and falls back to eager after a few recompiles), so a profile measures the eager kernel.
 - The KV cache is preallocated (`PreallocatedKV`): a decode step at context c appends one token to c − 1
   cached ones and attends over c keys, without growing or copying the cache.
 - Clocks: `time.perf_counter_ns` (monotonic) per call on a CPU, with `torch.set_num_threads(threads)`
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from llmpq.models.shape import decoder_layers, layer_linears
+from llmpq.quantize.gptq_layout import ExllamaScratch, exllama_scratch_bytes, finalize_qlinear, new_qlinear
+from llmpq.quantize.settings import LinearQuant
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = ("opt", "bloom") + LLAMA_LIKE
@@ -217,44 +220,50 @@ def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
 
 
 def random_quantized_linear(linear: torch.nn.Linear, bits: int, group_size: int, device: torch.device,
-                            seed: int = 0) -> torch.nn.Module:
-    """GPTQModel `TorchLinear` of `linear`'s shape at `bits`, built on meta, filled with random packed codes."""
+                            seed: int = 0, kernel: str = "torch", dtype: torch.dtype | None = None,
+                            scratch: ExllamaScratch | None = None) -> torch.nn.Module:
+    """The `kernel` module of `linear`'s shape at `bits` (symmetric GPTQ, v1 layout), random packed codes, finalized
+    for the device like a loaded layer (`gptq_layout.finalize_qlinear`; `dtype`: the compute dtype)."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-    from gptqmodel.quantization import FORMAT
-
     inf, outf = linear.in_features, linear.out_features
     group = group_size if group_size > 0 else inf
+    dtype = dtype or linear.weight.dtype
+    q = LinearQuant(bits=bits, group_size=group, sym=True, desc_act=False)
     with torch.device("meta"):
-        q = TorchLinear(bits=bits, group_size=group, sym=True, desc_act=False, in_features=inf, out_features=outf,
-                        bias=linear.bias is not None, pack_dtype=torch.int32, register_buffers=True,
-                        format=FORMAT.GPTQ)
-    q = q.to_empty(device=device)
+        module = new_qlinear(q, inf, outf, linear.bias is not None, kernel, dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, b in q.named_buffers():
-            if name == "g_idx":
-                b.copy_(torch.arange(inf, dtype=torch.int32) // group)
-            elif b.dtype == torch.int32:
-                b.copy_(torch.randint(-2**31, 2**31 - 1, b.shape, generator=gen, dtype=torch.int64).to(torch.int32))
-            elif name == "scales":
-                b.copy_(torch.rand(b.shape, generator=gen) * 1e-3 + 1e-4)
-            else:
-                b.zero_()
-    q.optimized = True
-    q.post_init()
-    return q.eval()
+    state = {}
+    for name, t in module.state_dict().items():
+        if name == "g_idx":
+            state[name] = torch.arange(inf, dtype=torch.int32) // group
+        elif t.dtype == torch.int32:
+            state[name] = torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, dtype=torch.int64).to(torch.int32)
+        elif name == "scales":
+            state[name] = (torch.rand(t.shape, generator=gen) * 1e-3 + 1e-4).to(torch.float16)
+        else:
+            state[name] = torch.zeros(t.shape, dtype=torch.float16)
+    module.load_state_dict(state, strict=True, assign=True)
+    return finalize_qlinear(module, dtype, kernel, scratch, device)
 
 
-def quantize_randomly(layer: torch.nn.Module, bits: int, group_size: int, device: torch.device) -> torch.nn.Module:
-    """A copy of `layer` with every linear replaced by a random `TorchLinear` at `bits` (16: the layer itself)."""
+def quantize_randomly(layer: torch.nn.Module, bits: int, group_size: int, device: torch.device,
+                      kernel: str = "torch") -> torch.nn.Module:
+    """A copy of `layer` with every linear replaced by a random `kernel` module at `bits` (16: the layer itself)."""
     if bits >= 16:
         return layer
     out = copy.deepcopy(layer)
-    for i, (name, lin) in enumerate(layer_linears(layer).items()):
+    linears = layer_linears(layer)
+    dtype = next(layer.parameters()).dtype
+    scratch = None
+    if kernel == "exllama":  # GPU only
+        scratch = ExllamaScratch(exllama_scratch_bytes([(m.in_features, m.out_features) for m in linears.values()]),
+                                 device)
+    for i, (name, lin) in enumerate(linears.items()):
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, child, random_quantized_linear(lin, bits, group_size, device, seed=i))
+        setattr(parent, child, random_quantized_linear(lin, bits, group_size, device, seed=i, kernel=kernel,
+                                                       dtype=dtype, scratch=scratch))
+    out.scratch = scratch
     return out
 
 

@@ -1,8 +1,9 @@
 """Turn per-layer files back into modules: one decoder layer from its file alone, or a whole mixed-bit model.
 
-A layer is built on the `meta` device (nothing allocated), its quantized linears swapped for GPTQModel's
-`TorchLinear`, then filled from the file with `load_state_dict(strict=True, assign=True)`; quantized
-linears are converted v1→v2 and finalized, 16-bit linears stay `nn.Linear`.
+A layer is built on the `meta` device (nothing allocated), its quantized linears swapped for the GPTQModel
+class of their weight kernel (`TorchLinear` unless told otherwise: `torch`, `triton`, `exllama`, `marlin`,
+see `gptq_layout`), then filled from the file with `load_state_dict(strict=True, assign=True)` and
+finalized for that kernel (v1→v2 conversion, repacking); 16-bit linears stay `nn.Linear`.
 
 Compute dtype: float32 by default. `TorchLinear` dequantizes the weight (exactly: fp16 scales × small
 integers) into the input's dtype on every call, so float32 runs the same matmuls as the unquantized
@@ -23,11 +24,12 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..models.shape import DECODER_LAYERS
-from .gptq_layout import finalize_qlinear, new_qlinear
+from .gptq_layout import ExllamaScratch, finalize_qlinear, new_qlinear
 from .settings import LayerHeader
 from .store import LayerFileError, ManifestRow, layer_file, read_layer_file, read_manifest, verify_layer_file
 
 DEFAULT_DTYPE = torch.float32
+DEFAULT_KERNEL = "torch"  # the quantized kernel every device has (the only one on a CPU)
 
 
 def store_name(scheme: str, bits: int) -> str:
@@ -71,7 +73,8 @@ def empty_decoder_layer(config: Any, index: int) -> torch.nn.Module:
         return cls(config, **kwargs)
 
 
-def _swap_quantized_linears(layer: torch.nn.Module, header: LayerHeader, where: Path) -> list[torch.nn.Module]:
+def _swap_quantized_linears(layer: torch.nn.Module, header: LayerHeader, where: Path, kernels: Mapping[int, str],
+                            dtype: torch.dtype) -> list[tuple[torch.nn.Module, str]]:
     swapped = []
     for name, q in header.linears.items():
         try:
@@ -81,10 +84,11 @@ def _swap_quantized_linears(layer: torch.nn.Module, header: LayerHeader, where: 
         if not q.quantized:
             continue
         parent_name, _, attr = name.rpartition(".")
+        kernel = kernels.get(q.bits, DEFAULT_KERNEL)
         with torch.device("meta"):
-            new = new_qlinear(q, old.in_features, old.out_features, old.bias is not None)
+            new = new_qlinear(q, old.in_features, old.out_features, old.bias is not None, kernel, dtype)
         setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, new)
-        swapped.append(new)
+        swapped.append((new, kernel))
     return swapped
 
 
@@ -96,13 +100,16 @@ def load_quantized_layer(
     dtype: torch.dtype = DEFAULT_DTYPE,
     verify: bool = True,
     manifest: Mapping[int, ManifestRow] | None = None,
+    kernels: Mapping[int, str] | None = None,
+    scratch: ExllamaScratch | None = None,
 ) -> torch.nn.Module:
     """Decoder layer `layer_index` built from its file alone, in eval mode on `device`.
 
     `path_or_dir` is the layer file or its store directory. With `verify`, the file's sha256 is checked
     against the directory's manifest first (LayerFileError naming the file on mismatch; pass `manifest`
     to reuse one already read). `model_config` is the model's HF config (or its dict); the layer holds a
-    copy, with attention implementation sdpa where the config sets none.
+    copy, with attention implementation sdpa where the config sets none. `kernels` maps bits to the weight
+    kernel of the quantized linears (default `torch`); `scratch` is the stage's ExLlama scratch, if any.
     """
     path = Path(path_or_dir)
     path = layer_file(path, layer_index) if path.is_dir() else path
@@ -115,14 +122,14 @@ def load_quantized_layer(
     if header.model_type != config.model_type:
         raise LayerFileError(f"{path}: is a {header.model_type} layer, the config is {config.model_type}")
     layer = empty_decoder_layer(config, layer_index)
-    qlinears = _swap_quantized_linears(layer, header, path)
+    qlinears = _swap_quantized_linears(layer, header, path, kernels or {}, dtype)
     try:
         layer.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
         raise LayerFileError(f"{path}: tensors do not fit the decoder layer: {exc}") from None
+    for module, kernel in qlinears:
+        finalize_qlinear(module, dtype, kernel, scratch, device)
     layer.to(device)
-    for module in qlinears:
-        finalize_qlinear(module, dtype)
     layer.to(dtype)
     left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
     if left:

@@ -82,7 +82,8 @@ class GenerateJob:
     @staticmethod
     def read(path: str | Path) -> "GenerateJob":
         data = json.loads(Path(path).read_text())
-        stages = tuple(StageSpec(**{**s, "bits": tuple(s["bits"])}) for s in data.pop("stages"))
+        stages = tuple(StageSpec(**{**s, "bits": tuple(s["bits"]), "kernels": tuple(tuple(k) for k in s["kernels"])})
+                       for s in data.pop("stages"))
         tuples = {k: tuple(data.pop(k)) for k in ("eos", "ids", "truncated")}
         prompts = tuple(tuple(p) for p in data.pop("prompts"))
         return GenerateJob(stages=stages, prompts=prompts, **tuples, **data)
@@ -149,7 +150,7 @@ def run_generate_stage(job: GenerateJob, place: Placement, init_dist: bool = Tru
     last = spec.index == len(job.stages) - 1
     with torch_threads(spec.threads), torch.inference_mode():
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
-                           last=last, device=device, dtype=dtype, verify=job.verify)
+                           last=last, device=device, dtype=dtype, verify=job.verify, kernels=spec.kernel_map)
         cache = StageKVCache(cache_shape(model.config, spec.start, spec.end - spec.start, job.sequences, job.max_len),
                              dtype, device)
         clock = StageClock(device)

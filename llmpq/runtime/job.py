@@ -31,10 +31,25 @@ class StageSpec:
     capacity_bytes: int
     cap_bytes: int | None       # a CPU device's memory_cap_gib, enforced before loading
     cuda_index: int | None = None
+    kernels: tuple[tuple[int, str], ...] = ()   # (bits, weight kernel) from the plan
+
+    @property
+    def kernel_map(self) -> dict[int, str]:
+        return dict(self.kernels)
 
     @property
     def first(self) -> bool:
         return self.index == 0
+
+
+@dataclass(frozen=True)
+class KernelNeeds:
+    """What a weight kernel needs of the device a stage runs on (from the kernel table), checked by the stage
+    process before it loads anything."""
+
+    name: str
+    device_kinds: tuple[str, ...]
+    min_compute_capability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class RunJob:
     fault: str | None = None
     verify: bool = True
     warmup: bool = True
+    kernel_needs: tuple[KernelNeeds, ...] = ()
 
     @property
     def batch(self) -> int:
@@ -76,6 +92,9 @@ class RunJob:
     @staticmethod
     def read(path: str | Path) -> "RunJob":
         data = json.loads(Path(path).read_text())
-        stages = tuple(StageSpec(**{**s, "bits": tuple(s["bits"])}) for s in data.pop("stages"))
+        stages = tuple(StageSpec(**{**s, "bits": tuple(s["bits"]), "kernels": tuple(tuple(k) for k in s["kernels"])})
+                       for s in data.pop("stages"))
         prompts = tuple(tuple(p) for p in data.pop("prompts"))
-        return RunJob(stages=stages, prompts=prompts, **data)
+        needs = tuple(KernelNeeds(n["name"], tuple(n["device_kinds"]), n["min_compute_capability"])
+                      for n in data.pop("kernel_needs", ()))
+        return RunJob(stages=stages, prompts=prompts, kernel_needs=needs, **data)

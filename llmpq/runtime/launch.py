@@ -1,8 +1,8 @@
 """`llmpq deploy plan=PLAN [out=RUNS.parquet]`: run a plan with one process per stage and record what it measured.
 
-The launcher checks the plan against the experiment and every stage's planned weights + KV against its
-device's memory cap (before anything is loaded), samples the workload's prompts, writes the job every
-stage reads, then starts the stages:
+The launcher checks the plan against the experiment, every stage's weight kernels against its device
+(`kernel_check`) and every stage's planned memory against its device's memory cap (before anything is
+loaded), samples the workload's prompts, writes the job every stage reads, then starts the stages:
 
 - one stage: in this process, without messages;
 - inside a SLURM allocation of at least N tasks (SLURM_JOB_ID set; SLURM_NTASKS, or `scontrol show job`):
@@ -35,8 +35,9 @@ from ..artifacts import provenance, write_table
 from ..config import Experiment
 from ..generate.planning import planning_experiment
 from ..solve.plan import Plan, read_plan
-from .caps import MemoryCapError, check_caps, planned_memory
+from .caps import StageRefusal, check_caps, planned_memory
 from .job import RunJob, StageSpec
+from .kernel_check import KernelUnavailable, kernel_needs, plan_kernel_problems
 from .report import run_rows, sidecar, tokens_path, write_sidecar
 from .schedule import Fault
 from .stage import Placement, StageReport, run_stage
@@ -139,27 +140,32 @@ def cuda_assignment(specs: Sequence[StageSpec]) -> list[int | None]:
 
 
 def stage_specs(exp: Experiment, plan: Plan, shape: Any) -> list[StageSpec]:
-    """Every stage of the plan with its device and planned memory."""
-    memory = planned_memory(exp, shape, plan)
+    """Every stage of the plan with its device, weight kernels and planned memory; KernelUnavailable naming every
+    stage whose planned kernel its device cannot run."""
+    problems = plan_kernel_problems(exp, plan, shape)
+    if problems:
+        raise KernelUnavailable("refusing to deploy: " + "; ".join(problems))
+    memory = planned_memory(exp, shape, plan, exp.kernels)
     specs = []
     for j, (s, mem) in enumerate(zip(plan.stages, memory)):
         dev = exp.devices[s.device]
         cap = int(dev.memory_cap_gib * 1024**3) if dev.kind == "cpu" and dev.memory_cap_gib is not None else None
         specs.append(StageSpec(j, s.device, s.node, dev.kind, dev.name, dev.threads, s.start, s.end, s.bits,
-                               mem.weights_bytes, mem.kv_bytes, mem.total_bytes, mem.capacity_bytes, cap))
+                               mem.weights_bytes, mem.kv_bytes, mem.total_bytes, mem.capacity_bytes, cap,
+                               kernels=s.kernels))
     return specs
 
 
 def sample_prompts_for(exp: Experiment, model_dir: Path, seed: int) -> list[list[int]]:
-    """B real prompts of s tokens from the workload's text source (the default source for a prompts-file
-    workload, whose s is its planning length), tokenised with the model's tokenizer."""
+    """B real prompts of s tokens from the workload's text source (for a prompts-file workload, whose s is its
+    planning length, the configured eval text `eval.source`), tokenised with the model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from ..data.text import default_source, sample_prompts
+    from ..data.text import sample_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     w = exp.workload
-    source = default_source() if w.prompts_file else w.prompts
+    source = str(exp.raw["eval"]["source"]) if w.prompts_file else w.prompts
     return sample_prompts(source, tokenizer, w.batch, w.prompt_len, seed=seed)
 
 
@@ -249,7 +255,8 @@ def build_job(exp: Experiment, plan: Plan, specs: Sequence[StageSpec], weights: 
         gen_len=exp.workload.gen_len, micro_batch_prefill=plan.micro_batch_prefill,
         micro_batch_decode=plan.micro_batch_decode, stages=tuple(specs), workdir=str(workdir.resolve()),
         backend="gloo" if specs[0].kind == "cpu" else "nccl", timeout_s=options.timeout_s,
-        record_logits=options.record_logits, fault=options.fault, verify=options.verify, warmup=options.warmup)
+        record_logits=options.record_logits, fault=options.fault, verify=options.verify, warmup=options.warmup,
+        kernel_needs=kernel_needs(exp.kernels, (k for s in specs for _, k in s.kernels)))
 
 
 def run_job(job: RunJob, mode: str) -> list[StageReport]:
@@ -324,7 +331,7 @@ def cli_deploy(exp: Experiment, args: Any) -> int:
     options = DeployOptions.from_raw(exp.raw.get("deploy"))
     try:
         result = deploy(exp, plan_path, out, options, results)
-    except MemoryCapError as exc:
+    except StageRefusal as exc:
         print(f"llmpq deploy: {exc}", file=sys.stderr)
         return 3
     except DeployError as exc:

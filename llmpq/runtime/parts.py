@@ -21,8 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..models.shape import shape_from_config
 from ..quantize.checkpoint import read_tensors
-from ..quantize.loader import load_quantized_layer, store_name
+from ..config.kernels import DENSE_KERNEL
+from ..quantize.gptq_layout import ExllamaScratch, exllama_scratch_bytes, qlinear_class
+from ..quantize.loader import decoder_layer_class, load_quantized_layer, store_name
 from ..quantize.store import read_manifest
 from .kvcache import CacheView
 from .rows import RaggedView, RowTensors
@@ -113,12 +116,14 @@ class StageModel:
     """Embedding (first stage), decoder layers [start, end) and head (last stage) of one pipeline stage."""
 
     def __init__(self, config: Any, start: int, layers: Sequence[torch.nn.Module], ends: Mapping[str, torch.nn.Module],
-                 rotary: torch.nn.Module | None, device: torch.device, dtype: torch.dtype, first: bool, last: bool):
+                 rotary: torch.nn.Module | None, device: torch.device, dtype: torch.dtype, first: bool, last: bool,
+                 scratch: ExllamaScratch | None = None):
         self.config, self.family = config, family_of(config)
         self.start, self.layers, self.ends, self.rotary = start, list(layers), dict(ends), rotary
         self.device, self.dtype, self.first, self.last = device, dtype, first, last
         self.cache_keyword = _cache_keyword(self.layers[0])
         self.heads = config.num_attention_heads
+        self.scratch = scratch  # ExLlama's scratch, kept alive with the layers that point into it
 
     @property
     def hidden(self) -> int:
@@ -203,26 +208,53 @@ class StageModel:
         return x[:, -1].float()
 
 
-def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start: int, bits: Sequence[int], *,
-               first: bool, last: bool, device: torch.device, dtype: torch.dtype, verify: bool = True) -> StageModel:
-    """The stage holding layers [start, start + len(bits)) at `bits`, from `quant_root/{scheme}-w{b}/` files.
+def prepare_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, bits: Sequence[int],
+                  kernels: set[str], verify: bool = True) -> dict[int, Any]:
+    """What loading a stage needs before its data: the model's transformers modules and skeleton (on `meta`),
+    GPTQModel's kernel classes, and the stores' manifests (bits -> rows; empty without `verify`). Done before the
+    stage notes its RSS, so that the growth it measures is the stage's data, not libraries and their pools."""
+    from transformers import AutoConfig
 
-    Every layer file's sha256 is checked against its store's manifest when `verify`.
+    config = AutoConfig.from_pretrained(str(model_dir))
+    decoder_layer_class(config)
+    _skeleton(config)
+    for kernel in sorted(kernels - {DENSE_KERNEL}):
+        qlinear_class(kernel)
+    return {int(b): read_manifest(_store(quant_root, scheme, int(b))) for b in sorted(set(bits))} if verify else {}
+
+
+def _store(quant_root: str | Path, scheme: str, bits: int) -> Path:
+    store = Path(quant_root) / store_name(scheme, bits)
+    if not store.is_dir():
+        raise FileNotFoundError(f"{store}: no quantized store (run `llmpq quantize bits={bits}` with scheme {scheme})")
+    return store
+
+
+def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start: int, bits: Sequence[int], *,
+               first: bool, last: bool, device: torch.device, dtype: torch.dtype, verify: bool = True,
+               kernels: Mapping[int, str] | None = None, manifests: Mapping[int, Any] | None = None) -> StageModel:
+    """The stage holding layers [start, start + len(bits)) at `bits`, from `quant_root/{scheme}-w{b}/` files, each
+    quantized bit-width on its weight kernel (`kernels`: bits -> kernel; default `torch`).
+
+    Every layer file's sha256 is checked against its store's manifest when `verify` (`manifests`: those already
+    read by `prepare_stage`). A stage with ExLlama layers allocates one scratch for them first, sized for its
+    largest linear (GPU only).
     """
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     family = family_of(config)
-    manifests: dict[int, Any] = {}
+    kernels = dict(kernels or {})
+    scratch = _exllama_scratch(config, device) if "exllama" in {kernels.get(int(b)) for b in bits} else None
+    manifests = dict(manifests or {})
     layers = []
     for index, b in enumerate(bits, start=start):
-        store = Path(quant_root) / store_name(scheme, int(b))
-        if not store.is_dir():
-            raise FileNotFoundError(f"{store}: no quantized store (run `llmpq quantize bits={b}` with scheme {scheme})")
+        store = _store(quant_root, scheme, int(b))
         if verify and b not in manifests:
             manifests[b] = read_manifest(store)
-        layers.append(load_quantized_layer(config, store, index, device, dtype, verify, manifests.get(b)))
+        layers.append(load_quantized_layer(config, store, index, device, dtype, verify, manifests.get(b), kernels,
+                                           scratch))
     skeleton = _skeleton(config)
     paths = (family.embed if first else ()) + (family.head if last else ())
     ends = _load_ends(model_dir, skeleton, paths, family, bool(getattr(config, "tie_word_embeddings", False)),
@@ -231,4 +263,11 @@ def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start
     if family.rotary is not None:
         rotary = type(_submodule(skeleton, family.rotary))(config=config).to(device)
     del skeleton
-    return StageModel(config, start, layers, ends, rotary, device, dtype, first, last)
+    return StageModel(config, start, layers, ends, rotary, device, dtype, first, last, scratch)
+
+
+def _exllama_scratch(config: Any, device: torch.device) -> ExllamaScratch:
+    """The stage's ExLlama scratch, sized for the model's largest linear (`exllama_scratch_bytes`). GPU only."""
+    shape = shape_from_config(config)
+    return ExllamaScratch(exllama_scratch_bytes([(lin.in_features, lin.out_features) for lin in shape.layer.linears]),
+                          device)

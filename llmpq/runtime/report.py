@@ -6,7 +6,8 @@
   `predicted_compute_ms` = steps × the plan's per-micro-batch stage time (decode at mid-generation context).
 - `tokens`: tokens generated in the whole run (B·n), `throughput_tok_s` = B·n / (prefill + decode wall).
 - memory: measured weights and KV bytes, peak (CUDA max allocated; on a CPU the tensor bytes held), peak
-  RSS, beside the plan's total and the device's capacity.
+  RSS and the stage's RSS growth over its pre-load RSS, beside the plan's total and the device's capacity.
+- `kernels`: the stage's weight kernels as the plan gave them, "bits:kernel" joined by "," (highest bits first).
 
 The sidecar `<out stem>.tokens.json` holds the prompts, the generated ids [B][n] and host data (and the
 logits of the first and last generated tokens when they were recorded).
@@ -57,6 +58,8 @@ def run_rows(job: RunJob, plan: Plan, reports: Sequence[StageReport]) -> list[di
                 "weights_bytes": report.memory["weights_bytes"], "kv_bytes": report.memory["kv_bytes"],
                 "peak_memory_bytes": report.memory["peak_memory_bytes"], "rss_bytes": report.memory["rss_bytes"],
                 "planned_memory_bytes": spec.planned_total_bytes, "capacity_bytes": spec.capacity_bytes,
+                "kernels": ",".join(f"{b}:{k}" for b, k in spec.kernels),
+                "rss_growth_bytes": int(report.memory.get("rss_growth_bytes", 0)),
             })
     return rows
 

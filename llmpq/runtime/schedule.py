@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from ..costmodel.memory import POSTED_MESSAGES
 from .comm import Pending, Ring
 from .kvcache import StageKVCache
 from .measure import PHASES, StageClock
@@ -100,9 +101,11 @@ class StageOutput:
 class StageRunner:
     """Runs the schedule on one stage: its model and KV cache, its ring links (None for a one-stage pipeline).
 
-    Receives are posted ahead for every micro-batch that can be in flight (K of the phase), so no message
-    arrives before its receive: gloo holds back a small message that arrives unexpected by one kernel timer
-    tick (4 ms here), longer than a whole decode step of a small stage. Warm-up calls per phase and
+    Hidden-state receives are posted ahead, `POSTED_MESSAGES` (2) at a time per phase, so that a message
+    rarely arrives before its receive (gloo holds back a small message that arrives unexpected by one kernel
+    timer tick, 4 ms here, longer than a whole decode step of a small stage) while the buffers stay bounded:
+    the memory model counts exactly these two (`costmodel.memory.buffers_bytes`). The first stage posts one
+    token-id receive per micro-batch in flight (8 bytes per sequence). Warm-up calls per phase and
     micro-batch size, untimed and without messages, take one-time costs (allocations, kernel selection) out
     of the measurement, as the profiler's warm-up calls take them out of the prediction.
     """
@@ -155,10 +158,12 @@ class StageRunner:
         return self.ring.post_hidden((len(step.rows), step.q, self.model.hidden), self.model.dtype, step.index)
 
     def _post_ahead(self, steps: Sequence[Step]) -> deque[Pending]:
-        """The receives of a phase's first K steps (one per micro-batch), posted before the phase starts."""
+        """The receives of a phase's first min(K, 2) steps, posted before the phase starts; each received step
+        posts the receive of the step that many places later."""
         if self.ring is None or self.model.first:
             return deque()
-        return deque(self._hidden_recv(s) for s in steps[:len({s.rows.start for s in steps})])
+        ahead = min(len({s.rows.start for s in steps}), POSTED_MESSAGES)
+        return deque(self._hidden_recv(s) for s in steps[:ahead])
 
     def _run_phase(self, phase: str, steps: Sequence[Step], prompts: torch.Tensor, inbox: deque[Pending]) -> None:
         ring, model = self.ring, self.model
@@ -187,9 +192,9 @@ class StageRunner:
             if ring is None:
                 self.tokens[step.rows.start:step.rows.stop, step.round] = out
             elif model.last:
-                ring.send_tokens(out, step.index)
+                ring.send_tokens(out, step.index, phase)
             else:
-                ring.send_hidden(hidden, step.index)
+                ring.send_hidden(hidden, step.index, phase)
         for step, pending in returning.values():
             self._collect(phase, step, pending)
         if ring is not None:

@@ -2,9 +2,10 @@
 
 The same entry point under torchrun (rank and world from RANK / WORLD_SIZE / LOCAL_RANK) and under srun
 (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT set by the launcher). Rank j
-runs stage j of the job: it checks its device's memory cap before loading anything, loads only its
-layers (and the embedding or head where it is first or last), runs the schedule and writes its report
-beside the job. Any error ends the process non-zero; its peers then fail on the broken connection or
+runs stage j of the job: before loading anything it checks its device's memory cap and that its device can
+run the plan's weight kernels, joins the process group, notes its RSS, then loads only its layers (each
+quantized bit-width on the plan's kernel, and the embedding or head where it is first or last), runs the
+schedule while a thread samples its RSS, and writes its report (with the RSS growth) beside the job. Any error ends the process non-zero; its peers then fail on the broken connection or
 time out, and the launcher (torchrun, or srun --kill-on-bad-exit) stops the rest.
 """
 
@@ -23,11 +24,12 @@ from typing import Any, Mapping
 import torch
 
 from ..artifacts import write_text
-from .caps import MemoryCapError, cap_violation
+from .caps import MemoryCapError, StageRefusal, cap_violation
 from .job import RunJob, StageSpec
+from .kernel_check import KernelUnavailable, stage_kernel_problem
 from .kvcache import StageKVCache, cache_shape
-from .measure import StageClock, memory_stats
-from .parts import load_stage
+from .measure import RssSampler, StageClock, memory_stats, prime_math_libraries, return_freed_memory
+from .parts import load_stage, prepare_stage
 from ..profile.timing import torch_threads
 from .schedule import Fault, StageRunner, plan_steps
 
@@ -92,18 +94,17 @@ def _as_lists(t: torch.Tensor | None) -> list | None:
 
 
 def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageReport:
-    """Run stage `place.rank` of `job`: cap check, load, (process group), schedule; its report."""
+    """Run stage `place.rank` of `job`: cap and kernel checks, (process group), load, schedule; its report."""
     spec = job.stages[place.rank]
     problem = cap_violation(spec)
     if problem is not None:
         raise MemoryCapError(problem)
     device, dtype = torch_device(spec, place.local_rank)
+    problem = stage_kernel_problem(spec, device, {n.name: n for n in job.kernel_needs})
+    if problem is not None:
+        raise KernelUnavailable(problem)
+    return_freed_memory()
     with torch_threads(spec.threads), torch.inference_mode():
-        model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
-                           last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify)
-        sequences = -(-job.batch // job.micro_batch_decode) * job.micro_batch_decode
-        cache = StageKVCache(cache_shape(model.config, spec.start, spec.end - spec.start, sequences,
-                                         job.prompt_len + job.gen_len), dtype, device)
         clock = StageClock(device)
         ring = None
         if place.world > 1:
@@ -112,12 +113,24 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
             if init_dist:
                 _init_process_group(job, place, device)
             ring = Ring(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
+        manifests = prepare_stage(job.model_dir, job.quant_root, job.scheme, spec.bits,
+                                  {k for _, k in spec.kernels}, job.verify)
+        if device.type == "cpu":
+            prime_math_libraries(dtype)
+        sampler = RssSampler().start()
+        model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
+                           last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify,
+                           kernels=spec.kernel_map, manifests=manifests)
+        sequences = -(-job.batch // job.micro_batch_decode) * job.micro_batch_decode
+        cache = StageKVCache(cache_shape(model.config, spec.start, spec.end - spec.start, sequences,
+                                         job.prompt_len + job.gen_len), dtype, device)
         fault = Fault.parse(job.fault) if job.fault else None
         runner = StageRunner(model, cache, clock, job.batch, job.gen_len, ring, fault, job.record_logits)
         prompts = torch.tensor(job.prompts, dtype=torch.long, device=device)
         steps = plan_steps(job.batch, job.prompt_len, job.gen_len, job.micro_batch_prefill, job.micro_batch_decode)
         out = runner.run(prompts, steps, job.warmup)
-    memory = memory_stats(device, model.weight_bytes(), cache.nbytes)
+        growth = sampler.stop()
+    memory = memory_stats(device, model.weight_bytes(), cache.nbytes, growth)
     return StageReport(place.rank, spec.device, platform.node(), clock.to_dict(), asdict(memory),
                        _as_lists(out.tokens), _as_lists(out.first_logits), _as_lists(out.last_logits))
 
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     where += f" ({job.stages[place.rank].device})"
     try:
         report = run_stage(job, place)
-    except MemoryCapError as exc:
+    except StageRefusal as exc:
         print(f"{where}: {exc}", file=sys.stderr, flush=True)
         return CAP_EXIT_CODE
     except Exception as exc:

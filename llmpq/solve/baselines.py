@@ -9,6 +9,15 @@ All use every device of the cluster and b_p = b_d = ⌈B/N⌉ (N devices).
   layers, the highest uniform bits that fit.
 - `adabits`: the least Σω that fits memory (a MILP with objective Σω), then, at that Σω, the fastest
   such plan by the surrogate; over the first `ADABITS_ORDERS` distinct orders of the devices.
+- `uniform-best` (what a careful vLLM user does by hand): one bit-width for every layer, chosen among the
+  bit-widths with a fast kernel (one that does not materialise the weight, `conf/kernels.yaml`) on every
+  device of the cluster; a memory-balanced partition (`memory_balanced_counts`: layers in proportion to
+  each stage's free memory at that bit-width, so the stages holding the embedding and the head get fewer);
+  over the first `ADABITS_ORDERS` distinct device orders, the fitting (order, bit-width) with the highest
+  exact predicted throughput wins (ties: the higher bit-width, then the earlier order). Where no such
+  bit-width fits (a CPU runs only the materialising `torch` kernel, whose time is the dense GEMM's plus a
+  dequantization, whatever the bits), the highest bit-width with a kernel everywhere that fits, as pipeedge
+  would choose it, then the fastest order.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from llmpq.costmodel.estimate import estimate
 
 from .candidate import Candidate
 from .errors import MemoryInfeasible
@@ -28,7 +39,7 @@ from .quality import OmegaTable
 from .search import SearchSettings
 from .tables import Assignment, CostCache, ProblemTables, Slot, build_tables, surrogate_ms, to_stages, violations
 
-BASELINES = ("pipeedge", "uniform", "adabits")
+BASELINES = ("pipeedge", "uniform", "adabits", "uniform-best")
 ADABITS_ORDERS = 24
 
 
@@ -62,7 +73,9 @@ def _uniform_assignment(counts: tuple[int, ...], column: int) -> Assignment:
 
 
 def _layer_caps(tb: ProblemTables, column: int) -> np.ndarray:
-    return np.floor((tb.capacity - tb.fixed_mem) / tb.mem_bytes[0, :, column]).astype(int)
+    """Layers each stage can hold at one bit-width: ⌊(capacity − fixed − that kernel's workspace) / layer bytes⌋."""
+    room = tb.capacity - tb.fixed_mem - tb.workspace[:, column]
+    return np.floor(np.maximum(room, 0.0) / tb.mem_bytes[0, :, column]).astype(int)
 
 
 def common_bits(tb: ProblemTables) -> list[int]:
@@ -144,9 +157,70 @@ def adabits(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
     return BaselinePlan(_candidate(tb, fast.assignment), status, 0.0 if status == "optimal" else None)
 
 
+def fast_common_bits(cache: CostCache, bits: tuple[int, ...]) -> tuple[int, ...]:
+    """Of `bits`, those every device of the cluster runs on a fast kernel, highest first."""
+    ctx = cache.ctx
+    table = ctx.latency.kernels
+    out = []
+    for b in sorted(bits, reverse=True):
+        if all(any(table.spec(k).fast for k in ctx.latency.menu(stem).get(b, ())) for stem in ctx.cluster.device_stems()):
+            out.append(b)
+    return tuple(out)
+
+
+def memory_balanced_counts(free: np.ndarray, caps: np.ndarray, layers: int) -> tuple[int, ...] | None:
+    """Layer counts n_j ∝ free memory: quota_j = L·free_j / Σ free, n_j = ⌊quota_j⌋ within [1, cap_j], then single
+    layers added where n_j < cap_j and quota_j − n_j is largest (removed where n_j > 1 and n_j − quota_j is
+    largest) until Σ n_j = L (ties: the earlier stage). None when some cap_j < 1 or Σ cap_j < L."""
+    free, caps = np.asarray(free, float), np.asarray(caps, int)
+    if (caps < 1).any() or caps.sum() < layers or len(caps) > layers:
+        return None
+    quota = layers * free / free.sum()
+    n = np.clip(np.floor(quota).astype(int), 1, caps)
+    while n.sum() < layers:
+        j = int(np.argmax(np.where(n < caps, quota - n, -np.inf)))
+        n[j] += 1
+    while n.sum() > layers:
+        j = int(np.argmax(np.where(n > 1, n - quota, -np.inf)))
+        n[j] -= 1
+    return tuple(int(x) for x in n)
+
+
+def uniform_best(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
+    """The fastest fitting single bit-width with a fast kernel everywhere, memory-balanced (module docstring)."""
+    ctx, layers = cache.ctx, omega.num_layers
+    cluster = ctx.cluster
+    b = baseline_micro_batch(ctx.workload.batch, len(cluster.device_slots()))
+    orders = [o for o in full_orders(cluster)[:ADABITS_ORDERS] if len(o) <= layers]
+    tables = [_tables(cache, o, b, omega, settings) for o in orders]
+    fast = fast_common_bits(cache, omega.bits)
+    everywhere = tuple(bits for bits in sorted(omega.bits, reverse=True)
+                       if all(bits in ctx.latency.menu(stem) for stem in cluster.device_stems()))
+    for choice, highest_first in ((fast, False), (everywhere, True)):
+        best: tuple[tuple, Candidate] | None = None
+        for index, tb in enumerate(tables):
+            for bits in choice:
+                c = tb.bits.index(bits)
+                free = tb.capacity - tb.fixed_mem - tb.workspace[:, c]
+                counts = memory_balanced_counts(free, _layer_caps(tb, c), layers)
+                if counts is None:
+                    continue
+                a = _uniform_assignment(counts, c)
+                if violations(tb, a):
+                    continue
+                cand = _candidate(tb, a)
+                throughput = estimate(ctx, cand.stages, b, b).throughput_tok_s
+                key = (-bits, -throughput, index) if highest_first else (-throughput, -bits, index)
+                if best is None or key < best[0]:
+                    best = (key, cand)
+        if best is not None:
+            return BaselinePlan(best[1], "optimal", 0.0)
+    raise _no_fit(cache, "uniform-best")
+
+
 def run_baseline(method: str, cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
     """Dispatch by method name."""
-    makers = {"pipeedge": pipeedge, "uniform": uniform, "adabits": adabits}
+    makers = {"pipeedge": pipeedge, "uniform": uniform, "adabits": adabits, "uniform-best": uniform_best}
     if method not in makers:
         raise ValueError(f"unknown baseline {method!r} (known: {', '.join(BASELINES)})")
     return makers[method](cache, omega, settings)

@@ -14,6 +14,13 @@ the bound takes the best λ of a small grid (0 and the exchange rates Δt/Δω b
 π ∝ 1/t[·,c] for each bit-width c; β ≥ max c as well. The surrogate F is non-decreasing in every R and
 β, so F evaluated at these values bounds it from below. A pair is memory-infeasible when some u_j < 1
 or Σ u_j < L.
+
+Those phase bounds let each phase pick its own bit-widths; a layer has one. Where the phases disagree (with
+real kernels, prefill is fastest at 16 bits and decode at 4), the coupled bound (`_coupled`) is tighter: for a
+distribution π, F ≥ Σ_j Σ_{i in j} cost_j(c_i) + constants, with β ≥ Σ_j π_j·t_j in every phase, each cycle
+≥ K_d·β (or ≥ R), so cost_j(c) = (1 + (K_p − 1)·π_j)·t^p[j,c] + Σ_k coef_jk·t^d[j,c,k] is one linear cost per
+layer and bit-width over both phases, minimised under memory by the same convex fill; π is uniform, or uniform
+over the stages of one device type (where the bottleneck of a heterogeneous pipeline usually is).
 """
 
 from __future__ import annotations
@@ -61,17 +68,20 @@ class StemArrays:
 
     def _make(self, stem: str) -> dict[str, np.ndarray]:
         cache, sizes, bits, points = self.cache, self.sizes, self.bits, self.points
-        ok = [b in cache.ctx.devices[stem].bits for b in bits]
+        ok = [b in cache.ctx.latency.menu(stem) for b in bits]
         nb, C, P = len(sizes), len(bits), max(len(points), 1)
-        t_p, t_d = np.full((nb, C), np.inf), np.full((nb, C, P), np.inf)
+        # times of the kernel each pair (b_p, b_d) runs each bit-width with (`CostCache.kernel`): [b_p, b_d, C(, P)]
+        t_p, t_d = np.full((nb, nb, C), np.inf), np.full((nb, nb, C, P), np.inf)
         nbytes = np.full((nb, C), np.inf)
         for i, b in enumerate(sizes):
             for c, bb in enumerate(bits):
                 if ok[c]:
-                    t_p[i, c] = cache.layer_prefill_ms(stem, bb, b)
-                    if points:
-                        t_d[i, c] = cache.layer_decode_ms(stem, bb, b, tuple(points))
                     nbytes[i, c] = cache.layer_bytes(stem, bb, b)
+                    for k, bd in enumerate(sizes):
+                        kern = cache.kernel(stem, bb, b, bd)
+                        t_p[i, k, c] = cache.layer_prefill_ms(stem, bb, b, kern)
+                        if points:
+                            t_d[i, k, c] = cache.layer_decode_ms(stem, bb, bd, tuple(points), kern)
         fixed = {}
         for first in (False, True):
             for last in (False, True):
@@ -221,6 +231,46 @@ def _phase(f: np.ndarray, t: np.ndarray, cap: np.ndarray, nbytes: np.ndarray, ro
     return work, np.maximum(beta, work / N)
 
 
+def _coupled(f_p: np.ndarray, t_p: np.ndarray, c_p: np.ndarray, f_d: np.ndarray, t_d: np.ndarray,
+             c_d: np.ndarray, k_p: np.ndarray, k_d: np.ndarray, weights: np.ndarray, nbytes: np.ndarray,
+             room: np.ndarray, omega: np.ndarray, budget: float, layers: int, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """The coupled lower bound on F (module docstring) over pairs: f_* [.., N], t_p [.., N, C], t_d [.., N, C, P],
+    c_* [.., N], k_* [..], weights [P] (cycle weights; the last point also drains), nbytes [.., N, C], room [.., N].
+    The best over π ∈ {uniform, uniform over the stages of one device type (`groups`: masks [N])} and
+    cycle ≥ K_d·β or ≥ R."""
+    N, P = t_p.shape[-2], t_d.shape[-1]
+    kp, kd = k_p[..., None], k_d[..., None]
+    pis = [np.full(f_p.shape, 1.0 / N)]
+    pis += [np.broadcast_to(g / g.sum(), f_p.shape) for g in groups if 0 < g.sum() < N]
+    best = np.full(f_p.shape[:-1], -np.inf)
+    bounded = np.isfinite(budget)
+    for pi in pis:
+        for by_beta in (True, False):
+            a = 1.0 + (kp - 1.0) * pi                                           # [.., N]
+            cost = a[..., None] * t_p
+            const = (a * f_p).sum(axis=-1) + c_p.sum(axis=-1)
+            for q in range(P):
+                coef = np.zeros_like(pi)
+                if weights[q] > 0:
+                    coef = coef + weights[q] * (kd * pi if by_beta else 1.0)
+                    if not by_beta:
+                        const = const + weights[q] * c_d.sum(axis=-1)
+                if q == P - 1:
+                    coef = coef + 1.0 + (kd - 1.0) * pi
+                    const = const + c_d.sum(axis=-1)
+                cost = cost + coef[..., None] * t_d[..., q]
+                const = const + (coef * f_d).sum(axis=-1)
+            lam = _lambdas(np.nanmean(np.where(np.isfinite(cost), cost, np.nan), axis=-2), omega) if bounded \
+                else np.zeros(cost.shape[:-2] + (1,))
+            pen = lam[..., None, None, :] * omega[None, :, None]
+            full = np.moveaxis(cost[..., None] + pen, -1, -3)                   # [.., Λ, N, C]
+            value = const[..., None] + _convex_fill(full, nbytes[..., None, :, :], room[..., None, :], layers)
+            if bounded:
+                value = value - lam * budget
+            best = np.maximum(best, value.max(axis=-1))
+    return best
+
+
 def order_bounds(arrays: StemArrays, slots: Sequence[Slot], layers: int, cycle_weights: Sequence[float],
                  omega_min: Sequence[float] | None = None, budget: float = np.inf, full: bool = True,
                  pairs: np.ndarray | None = None) -> PairBounds:
@@ -243,8 +293,8 @@ def _order_bounds(arrays: StemArrays, slots: Sequence[Slot], layers: int, cycle_
     stem_arrays = [arrays.get(stem) for _, stem in slots]
     if N > layers or not all(bool(a["any_bits"]) for a in stem_arrays):
         return PairBounds(sizes, sizes, np.full((nb, nb), np.inf), np.zeros((nb, nb)))
-    t_p = np.stack([a["t_p"] for a in stem_arrays], axis=1)               # [b, N, C]
-    t_d = np.stack([a["t_d"] for a in stem_arrays], axis=1)               # [b, N, C, P]
+    t_p = np.stack([a["t_p"] for a in stem_arrays], axis=2)               # [b_p, b_d, N, C]
+    t_d = np.stack([a["t_d"] for a in stem_arrays], axis=2)               # [b_p, b_d, N, C, P]
     nbytes = np.stack([a["bytes"] for a in stem_arrays], axis=1)          # [b_d, N, C]
     parts = [a["fixed"][j == 0, j == last] for j, a in enumerate(stem_arrays)]
     f_p = np.stack([p[0] for p in parts], axis=1)                         # [b, N]
@@ -270,16 +320,47 @@ def _order_bounds(arrays: StemArrays, slots: Sequence[Slot], layers: int, cycle_
     if len(ip):
         room = (capacity - fixed)[ip, idd]                                  # [P, N]
         cap_s, nb_s = cap[ip, idd], nbytes[idd]
-        w_p, beta_p = _phase(f_p[ip], t_p[ip], cap_s, nb_s, room, omega, budget, layers, full)
+        w_p, beta_p = _phase(f_p[ip], t_p[ip, idd], cap_s, nb_s, room, omega, budget, layers, full)
         flat = w_p + c_p[ip].sum(axis=-1) + (k[ip] - 1) * np.maximum(beta_p, c_p[ip].max(axis=-1))
         weights = np.asarray(cycle_weights, dtype=float)
         for p in range(len(points)):
-            w_d, beta = _phase(f_d[idd], t_d[idd, :, :, p], cap_s, nb_s, room, omega, budget, layers, full)
+            w_d, beta = _phase(f_d[idd], t_d[ip, idd, :, :, p], cap_s, nb_s, room, omega, budget, layers, full)
             beta = np.maximum(beta, c_d[idd].max(axis=-1))
             r_d = w_d + c_d[idd].sum(axis=-1)
             if weights[p] > 0:
                 flat = flat + weights[p] * np.maximum(k[idd] * beta, r_d)
             if p == len(points) - 1:
                 flat = flat + r_d + (k[idd] - 1) * beta
+        if full and len(points):
+            stems = [stem for _, stem in slots]
+            groups = [np.asarray([x == stem for x in stems], dtype=float) for stem in dict.fromkeys(stems)]
+            flat = np.maximum(flat, _coupled(f_p[ip], t_p[ip, idd], c_p[ip], f_d[idd], t_d[ip, idd], c_d[idd], k[ip],
+                                             k[idd], weights, nb_s, room, omega, budget, layers, groups))
         lower[ip, idd] = np.where(np.isfinite(flat), flat, np.inf)
     return PairBounds(sizes, sizes, lower, np.where(feasible, cap.sum(axis=-1), 0))
+
+
+def throughput_upper_bound(cache: CostCache) -> float:
+    """An upper bound on the predicted throughput of any plan of the cluster (tok/s): the per-cluster roofline bound.
+
+    Per phase, the layers' work perfectly balanced over all N devices at each device's fastest bit-width and
+    kernel, with the best micro-batch size, ignoring memory, links, the embedding and the head:
+    T_p ≥ min_b K_p(b)·L / Σ_j 1/t^p_j(b) and T_d ≥ min_b Σ_{k=1..n−1} K_d(b)·L / Σ_j 1/t^d_j(b, s + k), with
+    t_j the least layer time over the device's menu (a stage's busy time is at least its share of the work, and the
+    slowest stage is at least the balanced one). Throughput ≤ B·n / (T_p + T_d).
+    """
+    ctx = cache.ctx
+    w = ctx.workload
+    s, n, layers = w.prompt_len, w.gen_len, ctx.shape.num_layers
+    slots = [stem for _, stem in ctx.cluster.device_slots()]
+    contexts = s + np.arange(1, max(n, 2), dtype=float)[: max(n - 1, 0)]
+    best_p, best_d = np.inf, 0.0 if n <= 1 else np.inf
+    for b in micro_batch_sizes(w.batch):
+        rate_p = sum(1.0 / min(cache.layer_prefill_ms(st, bits, b) for bits in ctx.latency.menu(st)) for st in slots)
+        best_p = min(best_p, micro_batches(w.batch, b) * layers / rate_p)
+        if n > 1:
+            per = {st: np.min([ctx.latency.layer_ms_many(st, bits, "decode", b, 1, contexts)
+                               for bits in ctx.latency.menu(st)], axis=0) for st in set(slots)}
+            rate_d = sum(1.0 / per[st] for st in slots)
+            best_d = min(best_d, float(np.sum(micro_batches(w.batch, b) * layers / rate_d)))
+    return w.batch * n / ((best_p + best_d) / 1e3)

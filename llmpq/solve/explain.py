@@ -25,12 +25,14 @@ def explain(plan: Plan) -> str:
     """The plan as text: header, one row per stage (bottleneck marked), totals."""
     head = (f"{plan.method}: {plan.model} on {plan.cluster}, workload {plan.workload}; "
             f"micro-batch prefill {plan.micro_batch_prefill}, decode {plan.micro_batch_decode}")
-    cols = ("stage", "device", "node", "layers", "bits", "memory GiB (used/cap)", "prefill ms", "decode ms", "")
+    cols = ("stage", "device", "node", "layers", "bits", "kernels", "memory GiB (used/cap)", "prefill ms", "decode ms", "")
     rows = []
     for j, s in enumerate(plan.stages):
         used, cap = s.memory.total_bytes / GIB, s.memory.capacity_bytes / GIB
         mark = "<- bottleneck" if j == plan.bottleneck_stage else ""
-        rows.append((str(j), s.device, s.node, f"[{s.start}, {s.end})", bits_runs(s.bits), f"{used:.3g}/{cap:.3g}",
+        kernels = " ".join(f"{b}:{k}" for b, k in s.kernels)
+        rows.append((str(j), s.device, s.node, f"[{s.start}, {s.end})", bits_runs(s.bits), kernels,
+                     f"{used:.3g}/{cap:.3g}",
                      f"{s.prefill_ms:.2f}", f"{s.decode_ms:.3f}", mark))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731

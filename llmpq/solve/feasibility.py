@@ -20,8 +20,8 @@ def memory_need_and_room(cache: CostCache) -> tuple[int, int, int]:
     shape = ctx.shape
     slots = ctx.cluster.device_slots()
     stems = sorted({stem for _, stem in slots})
-    low = min(min(ctx.devices[s].bits) for s in stems)
-    per_layer = min(cache.layer_bytes(s, min(ctx.devices[s].bits), 1) for s in stems)
+    low = min(min(ctx.latency.menu(s)) for s in stems)
+    per_layer = min(cache.layer_bytes(s, min(ctx.latency.menu(s)), 1) for s in stems)
     dev = ctx.devices[stems[0]]
     head = 0 if shape.tied_head else shape.head_params * mem.dtype_bytes(dev)
     need = shape.num_layers * per_layer + mem.embed_bytes(shape, dev) + head

@@ -69,8 +69,8 @@ def heuristic_assignment(tb: ProblemTables) -> Assignment | None:
     if tb.n_items != int(tb.sizes.sum()) or tb.n_stages > tb.n_items:
         return None
     fixed, per = busy_tables(tb)
-    room = tb.capacity - tb.fixed_mem
-    caps = np.where(tb.allowed, np.floor(room[:, None] / tb.mem_bytes[0]), 0).astype(int)
+    room = (tb.capacity - tb.fixed_mem)[:, None] - tb.workspace  # one bit-width per stage: its kernel's workspace
+    caps = np.where(tb.allowed, np.floor(np.maximum(room, 0.0) / tb.mem_bytes[0]), 0).astype(int)
     omega_c = tb.omega.mean(axis=0)
     valid = np.where(tb.allowed, per, np.inf)
     lo = float((fixed + valid.min(axis=1)).max())

@@ -8,7 +8,9 @@ Variables (items g, stages j, bit columns c; see `tables`):
 
 Rows: Σ_{j,c} z[g,j,c] = 1 (each item once); contiguity in cumulative form
 U[g,j] ≥ U[g+1,j] with U[g,j] = Σ_{j' ≤ j, c} z[g,j',c] ((G−1)(N−1) rows); every stage holds an item;
-item 0 on stage 0 and the last item on stage N−1; memory fixed_j + Σ mem·z ≤ capacity_j; the budget
+item 0 on stage 0 and the last item on stage N−1; memory fixed_j + w_j + Σ mem·z ≤ capacity_j, where the
+kernels' workspace w_j ≥ v·u[j,v] for each distinct workspace v of the stage's columns, u[j,v] ∈ {0,1} being 1
+when stage j uses a column with that workspace (Σ z ≤ M·u[j,v], M the items that fit beside it); the budget
 Σ ω·z ≤ Ω. Symmetry: consecutive items with identical rows (same time, memory, ω) that share a stage
 take non-decreasing bit columns (any plan can be reordered so, at the same cost):
 Σ_{c ≤ t} z[g+1,j,c] + Σ_{c > t} z[g,j,c] ≤ 1 for every stage j and threshold t.
@@ -99,8 +101,21 @@ def _common(prob: pulp.LpProblem, tb: ProblemTables, cells: list[Cell], objectiv
     for j in range(N):
         room = float(tb.capacity[j] - tb.fixed_mem[j])
         scale = max(room, max((float(tb.mem_bytes[g, j, c]) for _, g, _, c in by_stage[j]), default=1.0), 1e-300)
-        prob += _expr((v, tb.mem_bytes[g, j, c] / scale) for v, g, _, c in by_stage[j]) <= room / scale, \
-            f"mem_{j:0{jw}d}"
+        terms = [(v, tb.mem_bytes[g, j, c] / scale) for v, g, _, c in by_stage[j]]
+        sizes = sorted({float(tb.workspace[j, c]) for _, _, _, c in by_stage[j] if tb.workspace[j, c] > 0})
+        if sizes:
+            work = prob.add_variable(f"w_{j:0{jw}d}", lowBound=0.0)
+            for k, size in enumerate(sizes):  # one binary per distinct workspace (kernels often share one)
+                cols = {c for _, _, _, c in by_stage[j] if tb.workspace[j, c] == size}
+                used = prob.add_variable(f"u_{j:0{jw}d}_{k}", 0, 1, pulp.LpBinary)
+                # big-M: the items of those columns that fit beside the workspace (a tighter relaxation than G)
+                smallest = min(float(tb.mem_bytes[g, j, c]) for _, g, _, c in by_stage[j] if c in cols)
+                most = min(float(tb.n_items), max(0.0, math.floor((room - size) / smallest + 1e-9)))
+                prob += _expr([(v, 1.0) for v, _, _, c in by_stage[j] if c in cols]
+                              + [(used, -most)]) <= 0, f"uses_{j:0{jw}d}_{k}"
+                prob += _expr([(work, 1.0), (used, -size / scale)]) >= 0, f"ws_{j:0{jw}d}_{k}"
+            terms.append((work, 1.0))
+        prob += _expr(terms) <= room / scale, f"mem_{j:0{jw}d}"
     omega_terms = [(v, tb.omega[g, c]) for v, g, _, c in cells]
     if math.isfinite(tb.budget):
         prob += _expr(omega_terms) <= tb.budget, "budget"

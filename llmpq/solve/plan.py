@@ -3,7 +3,9 @@
 Canonical form: sorted keys, two-space indent, floats rounded to 9 significant digits, no wall-clock or
 host data (those go to the sidecar `<plan>.meta.json`), so identical inputs give identical bytes.
 `read_plan` validates structure and meaning (contiguous stages from layer 0, one bit-width per layer,
-known statuses and sources) and names the file and key at fault.
+a known weight kernel for each of a stage's bit-widths, known statuses and sources) and names the file and
+key at fault. `stages[i].kernels` ({bits: kernel}) is written by every solve; a plan written before it
+existed reads as `fp16` for 16 bits and `torch` otherwise (what the runtime then loaded everywhere).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config.kernels import DENSE_BITS, DENSE_KERNEL, KERNEL_NAMES
 from ..costmodel.memory import StageMemory as StageMemoryPlan  # one record of a stage's memory parts
 from ..data.prompts import PromptStats
 
@@ -25,6 +28,7 @@ OMEGA_SOURCES = ("indicator", "proxy")
 MEMORY_KEYS = ("weights_bytes", "kv_bytes", "activations_bytes", "embed_bytes", "head_bytes", "buffers_bytes",
                "reserve_bytes", "capacity_bytes")
 FLOAT_DIGITS = 9
+LEGACY_QUANT_KERNEL = "torch"  # the kernel of quantized layers in plans that predate `stages[i].kernels`
 
 
 class PlanError(ValueError):
@@ -43,6 +47,22 @@ class StagePlan:
     memory: StageMemoryPlan
     prefill_ms: float   # one prefill micro-batch
     decode_ms: float    # one decode micro-batch at mid-generation context
+    kernels: tuple[tuple[int, str], ...] = ()   # (bits, weight kernel), highest bits first
+
+    def __post_init__(self) -> None:
+        if not self.kernels:
+            object.__setattr__(self, "kernels", legacy_kernels(self.bits))
+        object.__setattr__(self, "kernels", tuple(sorted(((int(b), str(k)) for b, k in self.kernels), reverse=True)))
+
+    @property
+    def kernel_map(self) -> dict[int, str]:
+        """bits -> weight kernel."""
+        return dict(self.kernels)
+
+
+def legacy_kernels(bits) -> tuple[tuple[int, str], ...]:
+    """The kernels of a plan that records none: fp16 at 16 bits, torch below."""
+    return tuple((b, DENSE_KERNEL if b == DENSE_BITS else LEGACY_QUANT_KERNEL) for b in sorted(set(bits), reverse=True))
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,7 @@ def to_dict(plan: Plan) -> dict[str, Any]:
         "micro_batch": {"prefill": plan.micro_batch_prefill, "decode": plan.micro_batch_decode},
         "stages": [{
             "device": s.device, "node": s.node, "layers": [s.start, s.end], "bits": list(s.bits),
+            "kernels": {str(b): k for b, k in s.kernels},
             "memory": {k: int(v) for k, v in asdict(s.memory).items()},
             "predicted": {"prefill_ms": _round(s.prefill_ms), "decode_ms": _round(s.decode_ms)},
         } for s in plan.stages],
@@ -196,6 +217,14 @@ def validate_dict(data: Mapping[str, Any], where: str) -> None:
         bits = _need(st, "bits", list, w)
         if len(bits) != end - start or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bits):
             raise PlanError(f"{w}.bits: expected {end - start} positive integers, got {bits!r}")
+        if "kernels" in st:
+            kernels = _need(st, "kernels", dict, w)
+            if sorted(kernels) != sorted(str(b) for b in set(bits)):
+                raise PlanError(f"{w}.kernels: expected one kernel for each of bits {sorted(set(bits))}, "
+                                f"got {sorted(kernels)}")
+            for b, name in kernels.items():
+                if name not in KERNEL_NAMES:
+                    raise PlanError(f"{w}.kernels.{b}: unknown kernel {name!r} (known: {', '.join(KERNEL_NAMES)})")
         memory = _need(st, "memory", dict, w)
         for key in MEMORY_KEYS:
             if _need(memory, key, int, f"{w}.memory") < 0:
@@ -238,6 +267,7 @@ def from_dict(data: Mapping[str, Any], where: str = "plan") -> Plan:
         device=s["device"], node=s["node"], start=s["layers"][0], end=s["layers"][1], bits=tuple(s["bits"]),
         memory=StageMemoryPlan(**{k: s["memory"][k] for k in MEMORY_KEYS}),
         prefill_ms=float(s["predicted"]["prefill_ms"]), decode_ms=float(s["predicted"]["decode_ms"]),
+        kernels=tuple((int(b), k) for b, k in s.get("kernels", {}).items()),
     ) for s in data["stages"])
     q, p, solver = data["quality"], data["predicted"], data["solver"]
 
@@ -284,5 +314,6 @@ def layers_path(plan_path: str | Path) -> Path:
 
 def layer_rows(plan: Plan) -> list[dict[str, Any]]:
     """Rows of the `plan_layers` table: one per layer."""
-    return [{"layer": s.start + k, "stage": j, "device": s.device, "node": s.node, "bits": b}
+    return [{"layer": s.start + k, "stage": j, "device": s.device, "node": s.node, "bits": b,
+             "kernel": s.kernel_map[b]}
             for j, s in enumerate(plan.stages) for k, b in enumerate(s.bits)]

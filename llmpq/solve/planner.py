@@ -168,8 +168,8 @@ def to_plan(exp: Experiment, ctx: CostContext, omega: OmegaTable, ppl_map: Any, 
         device=s.device, node=s.node, start=s.start, end=s.end, bits=s.bits,
         memory=StageMemoryPlan(m.weights_bytes, m.kv_bytes, m.activations_bytes, m.embed_bytes, m.head_bytes,
                                m.buffers_bytes, m.reserve_bytes, m.capacity_bytes),
-        prefill_ms=e.stage_prefill_ms[j], decode_ms=e.stage_decode_ms[j],
-    ) for j, (s, m) in enumerate(zip(c.stages, e.memory)))
+        prefill_ms=e.stage_prefill_ms[j], decode_ms=e.stage_decode_ms[j], kernels=s.kernels,
+    ) for j, (s, m) in enumerate(zip(e.stages, e.memory)))
     profiled = all(ctx.latency.source(s.device) == "profile" for s in c.stages)
     return Plan(
         method=exp.solver.name, model=exp.model.name, cluster=exp.cluster.name, workload=exp.workload.name,

@@ -11,6 +11,11 @@ Surrogate objective of an assignment (design, "The solver"):
 
 with β = max_j max(t_j, c_j), R = Σ_j (t_j + c_j), the decode contexts sampled at a few rounds k
 (`llmpq.costmodel.pipeline.surrogate_points`, trapezoid weights w_k) and t_j = fixed_j + Σ_{g in j} t[g, j, c_g].
+
+Each (stage, column) runs on one weight kernel, the branch's choice for that device, bits and micro-batches
+(`costmodel.estimate.choose_kernel`); times are that kernel's. Memory of stage j:
+fixed_j + max_{c used on j} workspace[j, c] + Σ_{g in j} mem[g, j, c_g] (the kernels' workspace counts once, the
+largest of the columns the stage uses).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 from llmpq.costmodel import memory as mem
 from llmpq.costmodel.comm import hidden_bytes, link_between, token_bytes, transfer_ms
 from llmpq.costmodel.context import CostContext
-from llmpq.costmodel.estimate import StageAssignment
+from llmpq.costmodel.estimate import StageAssignment, choose_kernel, job_decode_ms, job_prefill_ms
 from llmpq.costmodel.pipeline import micro_batches, surrogate_cycle_weights, surrogate_points
 
 from .quality import OmegaTable
@@ -47,15 +52,34 @@ class CostCache:
             self._memo[key] = make()
         return self._memo[key]
 
-    def layer_prefill_ms(self, stem: str, bits: int, batch: int) -> float:
+    def layer_prefill_ms(self, stem: str, bits: int, batch: int, kernel: str | None = None) -> float:
+        """One layer's prefill time on `kernel` (ms); None: the least over the device's kernels (a lower bound)."""
         s = self.ctx.workload.prompt_len
-        return self._get(("lp", stem, bits, batch),
-                         lambda: self.ctx.latency.layer_ms(stem, bits, "prefill", batch, s, s))
+        return self._get(("lp", stem, bits, batch, kernel),
+                         lambda: self.ctx.latency.layer_ms(stem, bits, "prefill", batch, s, s, kernel))
 
-    def layer_decode_ms(self, stem: str, bits: int, batch: int, ks: tuple[int, ...]) -> np.ndarray:
+    def layer_decode_ms(self, stem: str, bits: int, batch: int, ks: tuple[int, ...],
+                        kernel: str | None = None) -> np.ndarray:
+        """One layer's decode time at rounds `ks` on `kernel` (ms); None: the least over the device's kernels."""
         s = self.ctx.workload.prompt_len
-        return self._get(("ld", stem, bits, batch, ks), lambda: self.ctx.latency.layer_ms_many(
-            stem, bits, "decode", batch, 1, np.asarray([s + k for k in ks], dtype=float)))
+        return self._get(("ld", stem, bits, batch, ks, kernel), lambda: self.ctx.latency.layer_ms_many(
+            stem, bits, "decode", batch, 1, np.asarray([s + k for k in ks], dtype=float), kernel))
+
+    def kernel(self, stem: str, bits: int, b_p: int, b_d: int) -> str:
+        """The weight kernel of `bits`-bit layers on `stem` at micro-batches (b_p, b_d) (`choose_kernel`)."""
+        def prefill(ctx, device, b, k, size):
+            return self._get(("jp", device, b, k, size), lambda: job_prefill_ms(ctx, device, b, k, size))
+
+        def decode(ctx, device, b, k, size):
+            return self._get(("jd", device, b, k, size), lambda: job_decode_ms(ctx, device, b, k, size))
+        return self._get(("k", stem, bits, b_p, b_d),
+                         lambda: choose_kernel(self.ctx, stem, bits, b_p, b_d, prefill, decode))
+
+    def workspace_bytes(self, stem: str, bits: int, kernel: str) -> int:
+        """The workspace of `kernel` running `bits`-bit layers on `stem` (`memory.kernel_workspace_bytes`)."""
+        ctx = self.ctx
+        return self._get(("ws", stem, bits, kernel), lambda: mem.kernel_workspace_bytes(
+            ctx.shape, ctx.devices[stem], {bits: ctx.latency.kernels.spec(kernel)} if bits < 16 else {}))
 
     def fixed_ms(self, stem: str, phase: str, batch: int, *, first: bool, last: bool) -> float:
         """Embedding (first stage) + head (last stage) time of one micro-batch (ms)."""
@@ -112,6 +136,8 @@ class ProblemTables:
     bits: tuple[int, ...]          # column c -> bit-width
     items: tuple[tuple[int, int], ...]  # item g -> layers [start, end)
     allowed: np.ndarray            # [N, C] bool: device of stage j has a kernel for bits[c]
+    kernels: tuple[tuple[str, ...], ...]  # [N][C] the kernel stage j runs bits[c] with ("" where not allowed)
+    workspace: np.ndarray          # [N, C] bytes of that kernel's workspace on stage j
     t_prefill: np.ndarray          # [G, N, C] ms
     t_decode: np.ndarray           # [G, N, C, P] ms at the sampled rounds
     mem_bytes: np.ndarray          # [G, N, C] weights + KV cache
@@ -158,16 +184,27 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
     weights = dict(surrogate_cycle_weights(w.gen_len, decode_points)) if points else {}
     n_pts = max(len(points), 1)
 
-    allowed = np.asarray([[b in ctx.devices[stem].bits for b in bits] for _, stem in slots], dtype=bool)
+    allowed = np.asarray([[b in ctx.latency.menu(stem) for b in bits] for _, stem in slots], dtype=bool)
     tp = np.zeros((n_st, len(bits)))
     td = np.zeros((n_st, len(bits), n_pts))
     mb = np.zeros((n_st, len(bits)))
+    ws = np.zeros((n_st, len(bits)))
+    kernels = []
     for j, (_, stem) in enumerate(slots):
+        row = []
         for c, b in enumerate(bits):
-            tp[j, c] = cache.layer_prefill_ms(stem, b, b_p)
+            if not allowed[j, c]:
+                row.append("")
+                tp[j, c], td[j, c], mb[j, c] = np.inf, np.inf, np.inf
+                continue
+            kern = cache.kernel(stem, b, b_p, b_d)
+            row.append(kern)
+            tp[j, c] = cache.layer_prefill_ms(stem, b, b_p, kern)
             if points:
-                td[j, c] = cache.layer_decode_ms(stem, b, b_d, points)
+                td[j, c] = cache.layer_decode_ms(stem, b, b_d, points, kern)
             mb[j, c] = cache.layer_bytes(stem, b, b_d)
+            ws[j, c] = cache.workspace_bytes(stem, b, kern)
+        kernels.append(tuple(row))
     sizes = np.asarray([e - s for s, e in items], dtype=float)
     om = np.stack([omega.values[s:e].sum(axis=0) for s, e in items])
 
@@ -192,7 +229,7 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
 
     return ProblemTables(
         slots=slots, b_p=b_p, b_d=b_d, k_p=micro_batches(w.batch, b_p), k_d=micro_batches(w.batch, b_d),
-        bits=tuple(bits), items=tuple(items), allowed=allowed,
+        bits=tuple(bits), items=tuple(items), allowed=allowed, kernels=tuple(kernels), workspace=ws,
         t_prefill=sizes[:, None, None] * tp[None], t_decode=sizes[:, None, None, None] * td[None],
         mem_bytes=sizes[:, None, None] * mb[None], omega=om,
         fixed_prefill=fixed_p, fixed_decode=fixed_d, comm_prefill=comm_p, comm_decode=comm_d,
@@ -239,11 +276,13 @@ def omega_of(tb: ProblemTables, a: Assignment) -> float:
 
 
 def stage_bytes(tb: ProblemTables, a: Assignment) -> np.ndarray:
-    """M_j = fixed_j + Σ_{g in j} mem[g, j, c_g] (bytes)."""
+    """M_j = fixed_j + max_{c used on j} workspace[j, c] + Σ_{g in j} mem[g, j, c_g] (bytes)."""
     m = tb.fixed_mem.copy()
+    work = np.zeros(tb.n_stages)
     for g, (j, c) in enumerate(zip(a.stage, a.column)):
         m[j] += tb.mem_bytes[g, j, c]
-    return m
+        work[j] = max(work[j], tb.workspace[j, c])
+    return m + work
 
 
 def violations(tb: ProblemTables, a: Assignment, omega_tol: float = 1e-9) -> list[str]:
@@ -272,7 +311,8 @@ def to_stages(tb: ProblemTables, a: Assignment) -> tuple[StageAssignment, ...]:
         layer_bits = [tb.bits[c] for g, (jj, c) in enumerate(zip(a.stage, a.column)) if jj == j
                       for _ in range(tb.items[g][1] - tb.items[g][0])]
         start = min(tb.items[g][0] for g, jj in enumerate(a.stage) if jj == j)
-        out.append(StageAssignment(stem, node, start, start + len(layer_bits), tuple(layer_bits)))
+        kernels = tuple((b, tb.kernels[j][tb.bits.index(b)]) for b in set(layer_bits))
+        out.append(StageAssignment(stem, node, start, start + len(layer_bits), tuple(layer_bits), kernels))
     return tuple(out)
 
 

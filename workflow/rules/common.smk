@@ -73,7 +73,12 @@ def device_slice(device):
     return _device(device)
 
 
-TIMING_KEYS = ("name", "kind", "threads", "bits")
+TIMING_KEYS = ("name", "kind", "threads", "bits", "compute_capability", "kernels")
+
+
+def kernel_table():
+    """The weight-kernel table (conf/kernels.yaml) as composed: what profile, solve and deploy depend on."""
+    return experiment("tiny-opt", "local-cpu").raw["kernels"]
 GPU_FIT_KEYS = ("memory_gib", "reserve_gib")
 
 
@@ -165,7 +170,7 @@ def plan_only_targets():
         if not data.get("model"):
             continue
         for workload in data.get("workloads", []):
-            for solver in ("llmpq", "pipeedge", "uniform", "adabits"):
+            for solver in ("llmpq", "pipeedge", "uniform", "adabits", "uniform-best"):
                 out.append(str(paths.plan_path(RESULTS, data["model"], cluster, workload, solver)))
     return out
 

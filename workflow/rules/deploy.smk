@@ -8,7 +8,8 @@ rule deploy:
         str(paths.run_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
     params:
         cli=llmpq("deploy"),
-        config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload).raw[k] for k in ("devices", "workload")},
+        config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload).raw[k]
+                           for k in ("devices", "workload", "kernels")},
         deploy=config["deploy"],
     log:
         "logs/deploy/{model}/{cluster}/{workload}/{solver}.log",

@@ -9,6 +9,7 @@ rule profile:
         device=lambda wc: timing_slice(wc.device),
         model=lambda wc: model_slice(wc.model),
         grid=config["profile"],
+        kernels=kernel_table(),
     wildcard_constraints:
         device=r"(?!links/)[^/]+",
     log:

@@ -12,7 +12,7 @@ rule solve:
     params:
         cli=llmpq("solve"),
         config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw[k]
-                           for k in ("cluster", "devices", "workload", "solver")},
+                           for k in ("cluster", "devices", "workload", "solver", "kernels")},
         model=lambda wc: model_slice(wc.model),
         prompts_sha256=lambda wc: prompts_sha256(wc.model, wc.cluster, wc.workload),
     log:
