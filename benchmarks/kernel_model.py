@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -115,6 +116,28 @@ def fit(table: KernelTable) -> dict:
     return out
 
 
+def against_measured(table: KernelTable, fixture: Path) -> dict:
+    """The model beside a GPU's measured ratios (`benchmarks/gpu_kernels.py`, file `kernels_<device stem>.json`):
+    per shape, kernel-wbits and rows, the measured and predicted ratio, and whether both put the kernel on the same
+    side of fp16 (faster or slower)."""
+    measured = json.loads(fixture.read_text())
+    stem = fixture.stem.removeprefix("kernels_")
+    device = load_device(stem)
+    out: dict = {"gpu": measured["gpu"], "device": stem, "points": []}
+    for shape_name, kernels in measured["ratio"].items():
+        for key, by_rows in kernels.items():
+            name, bits = key.rsplit("-w", 1)
+            for rows, got in sorted(by_rows.items(), key=lambda kv: int(kv[0])):
+                model = float(kernel_ratio(table.spec(name), int(bits), device, SHAPES[shape_name], QUANT, int(rows)))
+                out["points"].append({"shape": shape_name, "kernel": name, "bits": int(bits), "rows": int(rows),
+                                      "measured": got, "predicted": model, "same_side": (got < 1) == (model < 1)})
+    points = out["points"]
+    out["same_side_share"] = sum(p["same_side"] for p in points) / len(points) if points else None
+    out["median_abs_log_error"] = sorted(abs(math.log(p["predicted"] / p["measured"])) for p in points)[
+        len(points) // 2] if points else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -136,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             table, load_device(stem), QUANT, shape_from_config(MODEL_CONFIGS[FIT_SHAPE])).items()} for stem in DEVICES},
         "reference": reference,
         "max_reference_rel_error": max(r["rel_error"] for r in reference),
+        "measured": [against_measured(table, f) for f in sorted(OUT.parent.glob("kernels_*.json"))],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -120,3 +120,40 @@ def test_kernel_limits_are_gptqmodels_own():
 
     major, minor = marlin._MARLIN_MIN_CAPABILITY
     assert TABLE.spec("marlin").min_compute_capability == major + minor / 10
+
+
+def test_model_agrees_with_measured_gpu_kernels():
+    """Every committed GPU measurement (`benchmarks/gpu_kernels.py` -> `benchmarks/results/kernels_<stem>.json`): the
+    model puts each kernel on the same side of fp16 (faster or slower) at ≥ 90% of the measured (shape, bits, rows)
+    points, and never calls a kernel that materialises the weight (Torch, Triton) faster than fp16."""
+    import importlib.util
+    from pathlib import Path
+
+    from llmpq.config import default_kernel_table
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("kernel_model", root / "benchmarks" / "kernel_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fixtures = sorted((root / "benchmarks" / "results").glob("kernels_*.json"))
+    if not fixtures:
+        pytest.skip("no GPU kernel measurement committed")
+    for fixture in fixtures:
+        found = module.against_measured(default_kernel_table(), fixture)
+        assert found["same_side_share"] >= 0.9, (fixture.name, found["same_side_share"])
+        slow = [p for p in found["points"] if p["kernel"] in ("torch", "triton")]
+        assert slow and all(p["measured"] > 1 and p["predicted"] > 1 for p in slow), fixture.name
+
+
+def test_kernels_without_auto_padding_need_whole_groups():
+    """Found on an H100: ExLlama refuses a 64-wide linear at group size 128 (GPTQModel: SUPPORTS_AUTO_PADDING False);
+    the menu must not offer it, while Triton and Torch (which pad) stay."""
+    from llmpq.config import default_kernel_table, load_device
+
+    table, h100 = default_kernel_table(), load_device("h100")
+    narrow = [(64, 64), (64, 256)]
+    assert "group size 128" in table.unavailable("exllama", h100, 4, group_size=128, linears=narrow)
+    assert "group size 128" in table.unavailable("marlin", h100, 4, group_size=128, linears=narrow)
+    assert table.unavailable("triton", h100, 4, group_size=128, linears=narrow) is None
+    assert table.unavailable("exllama", h100, 4, group_size=-1, linears=narrow) is None
+    assert table.unavailable("exllama", h100, 4, group_size=128, linears=[(7168, 28672)]) is None

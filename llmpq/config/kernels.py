@@ -51,6 +51,7 @@ class KernelSpec:
     in_divisible_by: int = 1
     out_divisible_by: int = 1
     pack_aligned: bool = False                    # in and out divisible by 32 / bits (Marlin's packed tiles)
+    auto_padding: bool = True                     # False: in_features must be a multiple of the group size
     fast: bool = False                            # runs a quantized GEMM without materialising the weight
     fused_max_rows: Mapping[int, float] = field(default_factory=dict)   # bits -> rows; missing: 0 (always dequantizes)
     bandwidth_efficiency: Mapping[int, float] = field(default_factory=dict)  # bits -> fraction of the dense GEMM's
@@ -146,7 +147,10 @@ class KernelTable:
         if group_size is not None and spec.group_sizes is not None and group_size not in spec.group_sizes:
             return f"{name} supports group sizes {list(spec.group_sizes)}, not {group_size}"
         pack = 32 // bits if spec.pack_aligned and 32 % bits == 0 else 1
+        grouped = group_size is not None and group_size > 0 and not spec.auto_padding
         for k, n in linears:
+            if grouped and k % group_size:
+                return f"{name} needs in_features divisible by the group size {group_size}; a linear is {k} -> {n}"
             if k % max(spec.in_divisible_by, pack) or n % max(spec.out_divisible_by, pack):
                 return (f"{name} needs in_features divisible by {max(spec.in_divisible_by, pack)} and out_features by "
                         f"{max(spec.out_divisible_by, pack)}; a linear is {k} -> {n}")
@@ -233,6 +237,7 @@ def kernel_spec(name: str, file: str, data: Mapping[str, Any]) -> KernelSpec:
         in_divisible_by=r.get("in_divisible_by", int, 1, positive),
         out_divisible_by=r.get("out_divisible_by", int, 1, positive),
         pack_aligned=r.get("pack_aligned", bool, False),
+        auto_padding=r.get("auto_padding", bool, True),
         fast=r.get("fast", bool, False),
         fused_max_rows={b: v for b, v in _bits_map(r, "fused_max_rows", float, non_negative).items()},
         bandwidth_efficiency=_bits_map(r, "bandwidth_efficiency", float,
