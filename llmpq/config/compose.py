@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError
 from .types import Experiment
@@ -35,7 +36,8 @@ class ConfigSearch:
 
     @property
     def dirs(self) -> list[Path]:
-        return [self.conf_dir] + ([self.user_dir] if self.user_dir else [])
+        """Search order: the user's --config-dir first (its files override shipped ones of the same name)."""
+        return ([self.user_dir] if self.user_dir else []) + [self.conf_dir]
 
     def file(self, group: str, option: str) -> Path | None:
         """Path of `group/option.yaml` as Hydra will find it, or None."""
@@ -53,16 +55,39 @@ class ConfigSearch:
         return str(path) if path else f"{group}/{option}.yaml"
 
 
+@contextmanager
+def _hydra_search(search: ConfigSearch) -> Iterator[None]:
+    """Hydra initialised like `initialize_config_dir(conf_dir)`, with the user's --config-dir searched before it.
+
+    (`hydra.searchpath` would append the user's dir after the primary one, where a site's `device/t4.yaml`
+    could not override the shipped one.)
+    """
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    version.setbase(None)
+    csp = create_config_search_path(search_path_dir=str(search.conf_dir))
+    if search.user_dir is not None:
+        csp.prepend("llmpq --config-dir", f"file://{search.user_dir}", anchor="main")
+    Hydra.create_main_hydra2(task_name="app", config_search_path=csp)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
 def _hydra_compose(search: ConfigSearch, overrides: Sequence[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    extra = [f"hydra.searchpath=[file://{search.user_dir}]"] if search.user_dir else []
     try:
-        with initialize_config_dir(config_dir=str(search.conf_dir), version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides) + extra)
+        with _hydra_search(search):
+            cfg = compose(config_name="config", overrides=list(overrides))
     except MissingConfigException as exc:
         group = next((g for g in GROUPS if f"'{g}/" in str(exc) or f"{g}/" in str(exc)), "overrides")
         known = ", ".join(search.options(group)) if group in GROUPS else ""

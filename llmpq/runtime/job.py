@@ -31,6 +31,9 @@ class StageSpec:
     capacity_bytes: int
     cap_bytes: int | None       # a CPU device's memory_cap_gib, enforced before loading
     cuda_index: int | None = None
+    component: int | None = None        # under a plan's SLURM job: its component, and what that component holds
+    slurm_gres: str | None = None       # GRES without count (gpu:t4)
+    slurm_partition: str | None = None
 
     @property
     def first(self) -> bool:
@@ -57,6 +60,7 @@ class RunJob:
     fault: str | None = None
     verify: bool = True
     warmup: bool = True
+    task_stages: tuple[int, ...] = ()   # under a plan's SLURM job: the stage of each task rank (SLURM_PROCID)
 
     @property
     def batch(self) -> int:
@@ -78,4 +82,5 @@ class RunJob:
         data = json.loads(Path(path).read_text())
         stages = tuple(StageSpec(**{**s, "bits": tuple(s["bits"])}) for s in data.pop("stages"))
         prompts = tuple(tuple(p) for p in data.pop("prompts"))
-        return RunJob(stages=stages, prompts=prompts, **data)
+        task_stages = tuple(data.pop("task_stages", ()))
+        return RunJob(stages=stages, prompts=prompts, task_stages=task_stages, **data)
