@@ -30,6 +30,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("llmpq.evaluate.run:cli_evaluate", "compare methods: measured vs predicted, perplexity, plots"),
 }
 
+# Verbs about the tool itself: no experiment is composed, and they take their own arguments.
+TOOLS: dict[str, tuple[str, str]] = {
+    "slurm-profile": ("llmpq.slurm.profile_link:cli_slurm_profile",
+                      "link profiles/slurm where `snakemake --profile slurm` finds it (install|show|remove)"),
+}
+
 RESERVED = ("out", "plan", "device", "bits", "indicator", "results")
 
 
@@ -73,11 +79,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config-dir", help="extra directory of config groups (device/, cluster/, ...)")
         p.add_argument("pairs", nargs="*", metavar="KEY=VALUE",
                        help=f"hydra overrides (cluster=paper-c3, workload.gen_len=200) or {', '.join(RESERVED)}")
+    tool = sub.add_parser("slurm-profile", help=TOOLS["slurm-profile"][1], description=TOOLS["slurm-profile"][1])
+    tool.add_argument("action", nargs="?", choices=("install", "show", "remove"), default="show")
+    tool.add_argument("--name", default="slurm", help="profile name (default: slurm)")
+    tool.add_argument("--force", action="store_true", help="replace a directory of that name")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb in TOOLS:
+        module, func = TOOLS[args.verb][0].split(":")
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
     reserved, overrides = _split(args.pairs)
     try:
         bits = int(reserved["bits"]) if "bits" in reserved else None

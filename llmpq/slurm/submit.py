@@ -1,13 +1,15 @@
 """Submit a plan's batch script, stream its output while it runs, and report each component's end from sacct.
 
-`sbatch --wait` blocks until the job ends and exits with the batch script's status (srun's: non-zero when any
-task failed); the job is cancelled if this process is interrupted. A component that failed is named from its
-step's exit code in sacct: the task that failed by itself ends with a status and no signal, while
-`--kill-on-bad-exit` ends the others with a signal.
+The job's state is polled every second with `scontrol show job` (slurmctld knows at once; `sbatch --wait` backs
+off to half a minute between polls); its exit status is the batch script's (srun's: non-zero when any task
+failed). The job is cancelled if this process is interrupted. A component that failed is named from its step's
+exit code in sacct: the task that failed by itself ends with a status and no signal, while `--kill-on-bad-exit`
+ends the others with a signal.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -100,33 +102,51 @@ def _copy_new(path: Path, offset: int, out: TextIO) -> int:
     return offset + len(chunk)
 
 
-def submit_and_wait(script: Path, output: Path, components: int, out: TextIO, poll_s: float = 0.5,
+def job_state(job_id: str) -> tuple[str, int] | None:
+    """(state of component 0, the batch script's exit status) from slurmctld; None once it has forgotten the job.
+
+    A status killed by signal k is 128 + k, as a shell reports it.
+    """
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=False,
+                         timeout=60)
+    first = out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    state = re.search(r"\bJobState=(\S+)", first)
+    code = re.search(r"\bExitCode=(\d+):(\d+)", first)
+    if not state or not code:
+        return None
+    status, sig = int(code.group(1)), int(code.group(2))
+    return state.group(1), 128 + sig if sig else status
+
+
+def submit_and_wait(script: Path, output: Path, components: int, out: TextIO, poll_s: float = 1.0,
                     accounting: Callable[[str, int], tuple[ComponentEnd, ...]] = wait_for_accounting) -> JobEnd:
     """sbatch `script`, copy its `output` to `out` while it runs, and return how it ended."""
-    proc = subprocess.Popen(["sbatch", "--wait", "--parsable", str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    job_id = proc.stdout.readline().strip().split(";")[0]
-    if not job_id.isdigit():
-        proc.wait()
-        raise SubmitError(f"sbatch {script} failed: {(proc.stderr.read() if proc.stderr else '').strip() or job_id}")
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False,
+                               timeout=120)
+    job_id = submitted.stdout.strip().split(";")[0]
+    if submitted.returncode != 0 or not job_id.isdigit():
+        raise SubmitError(f"sbatch {script} failed: {(submitted.stderr or submitted.stdout).strip()}")
     print(f"llmpq slurm: submitted batch job {job_id}; its output follows ({output})", file=out, flush=True)
     offset = 0
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        while proc.poll() is None:
+        while True:
             offset = _copy_new(output, offset, out)
+            state = job_state(job_id)
+            if state is None or state[0] in TERMINAL:
+                break
             time.sleep(poll_s)
     except BaseException:
         subprocess.run(["scancel", job_id], check=False)
-        proc.kill()
         print(f"llmpq slurm: interrupted: cancelled job {job_id}", file=out, flush=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    time.sleep(poll_s)
+    ends = accounting(job_id, components)
     _copy_new(output, offset, out)
-    return JobEnd(job_id, proc.returncode, accounting(job_id, components))
+    if state is None:  # slurmctld forgot it (MinJobAge): failed unless sacct has every component COMPLETED
+        state = ("", 0 if ends and all(e.state == "COMPLETED" for e in ends) else 1)
+    return JobEnd(job_id, state[1], ends)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -245,6 +245,8 @@ SlurmdSpoolDir=$SLURMD_SPOOL/%n
 SlurmctldLogFile=$SLURM_LOG_DIR/slurmctld.log
 SlurmdLogFile=$SLURM_LOG_DIR/slurmd-%n.log
 SchedulerType=sched/backfill
+# Heterogeneous jobs are started by the backfill scheduler only: look every 2 s, not every 30 s.
+SchedulerParameters=bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Jobs without --mem get this much per CPU (else they would take the whole node's memory).
