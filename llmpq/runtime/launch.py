@@ -37,6 +37,7 @@ from ..artifacts import provenance, write_table
 from ..config import Experiment
 from ..slurm.hetjob import SlurmJob
 from ..slurm.rendezvous import first_slurm_node, free_port
+from ..slurm.submit import SubmitError
 from ..solve.plan import Plan, read_plan
 from .caps import MemoryCapError, check_caps, planned_memory
 from .job import RunJob, StageSpec
@@ -248,7 +249,10 @@ def run_job(job: RunJob, mode: str, slurm_job: SlurmJob | None = None) -> list[S
     if mode == "sbatch":
         if slurm_job is None:
             raise ValueError("launcher sbatch needs the plan's SLURM job (slurm_layout)")
-        code = run_on_slurm(job, slurm_job, [sys.executable, "-m", STAGE_MODULE])
+        try:
+            code = run_on_slurm(job, slurm_job, [sys.executable, "-m", STAGE_MODULE])
+        except SubmitError as exc:
+            raise DeployError(str(exc)) from None
     else:
         cmd, env = launch_command(mode, world, job.write(Path(job.workdir) / "job.json"), os.environ)
         code = _run(cmd, env)

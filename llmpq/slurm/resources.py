@@ -5,9 +5,10 @@ Host memory of one stage process (bytes), before the margin:
   embedding/head + buffers): a CPU stage holds all of it in host memory;
 - GPU stage: P_cuda + W_j + E_j + H_j: weights, embedding and head pass through host memory on their way to
   the GPU (an upper bound: the loader reads one layer file at a time); KV cache and activations live on the GPU.
-P_cpu is the peak RSS of a tiny-opt stage process on this project's CPU runtime (torch, transformers, gloo and
-the schedule, measured at about 0.4 GiB; 0.5 GiB taken), P_cuda the host memory of a process with a CUDA
-context and torch's GPU libraries loaded (about 1.5 to 3 GiB depending on the GPU and CUDA version; 3 GiB taken).
+P_cpu: a tiny-opt stage process of this runtime peaked at 448 MiB RSS (torch 2.13 CPU, transformers, gloo, the
+schedule; the runs table's rss_bytes); 0.5 GiB taken. P_cuda: a process on an H100 held 1.08 GiB RSS after
+importing torch 2.11+cu130 and transformers, a CUDA context, a cuBLAS fp16 matmul and an NCCL process group;
+2 GiB taken, for the quantized kernels' libraries and older CUDA stacks.
 
 Wall time (s) = startup_s + max_j(W_j) / load rate + time_margin x (prefill_s + decode_s) of the plan, in whole
 minutes, at least `min_minutes`.
@@ -26,7 +27,7 @@ from ..solve.plan import Plan, StagePlan
 MIB = 1024**2
 GIB = 1024**3
 CPU_PROCESS_BYTES = GIB // 2
-CUDA_PROCESS_BYTES = 3 * GIB
+CUDA_PROCESS_BYTES = 2 * GIB
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ rule deploy:
         "logs/deploy/{model}/{cluster}/{workload}/{solver}.log",
     benchmark:
         "logs/benchmarks/deploy/{model}/{cluster}/{workload}/{solver}.tsv"
-    threads: workflow.cores
+    # all cores locally, so that nothing disturbs the stages' clocks; one under SLURM, where it only waits
+    threads: lambda wc: 1 if plan_launcher() == "sbatch" else workflow.cores
     # Stays on the submitting host under the SLURM executor: the plugin builds no heterogeneous jobs, so the
-    # verb submits the plan's job itself (`sbatch --wait`) and streams its output into the log.
+    # verb submits the plan's job itself (sbatch, polled until it ends) and streams its output into the log.
     localrule: True
     resources:
         launcher=lambda wc: plan_launcher(),
