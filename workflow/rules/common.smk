@@ -142,6 +142,11 @@ def plan_only_targets():
     return out
 
 
+def without_slurm(devices):
+    """Raw device configs without their `slurm:` blocks: where a job runs is no input of what it computes."""
+    return {stem: {k: v for k, v in spec.items() if k != "slurm"} for stem, spec in devices.items()}
+
+
 def gpu_request(device, count=1):
     """SLURM resources of a rule that runs on `count` devices of one type, from its config's `slurm:` block.
 

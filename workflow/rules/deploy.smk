@@ -9,7 +9,8 @@ rule deploy:
         str(paths.run_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
     params:
         cli=llmpq("deploy"),
-        config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload).raw[k] for k in ("devices", "workload")},
+        config=lambda wc: {"devices": without_slurm(experiment(wc.model, wc.cluster, wc.workload).raw["devices"]),
+                           "workload": experiment(wc.model, wc.cluster, wc.workload).raw["workload"]},
         deploy=config["deploy"],
     log:
         "logs/deploy/{model}/{cluster}/{workload}/{solver}.log",
