@@ -4,7 +4,6 @@ task finds in its environment, how the end of a job is read, and the profile's i
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,21 +107,18 @@ def test_requests_and_plugin_resources():
     assert SiteSettings.from_env({"LLMPQ_SLURM_ACCOUNT": "a", "LLMPQ_SLURM_PARTITION": ""}) == SiteSettings("a", None)
 
 
-def test_profile_reads_the_site_settings_like_the_library():
+@pytest.mark.parametrize("env", [{}, {"LLMPQ_SLURM_ACCOUNT": "proj1", "LLMPQ_SLURM_PARTITION": "gpu"}])
+def test_profile_reads_the_site_settings_like_the_library(monkeypatch, env):
     """The profile's default-resources expressions and SiteSettings read the same variables, unset alike."""
     resources = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["default-resources"]
-    for env in ({}, {"LLMPQ_SLURM_ACCOUNT": "proj1", "LLMPQ_SLURM_PARTITION": "gpu"}):
-        saved = {k: os.environ.pop(k, None) for k in ("LLMPQ_SLURM_ACCOUNT", "LLMPQ_SLURM_PARTITION")}
-        os.environ.update(env)
-        try:
-            site = SiteSettings.from_env()
-            assert eval(resources["slurm_account"], {}) == site.account
-            assert eval(resources["slurm_partition"], {}) == site.partition
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None)
-                if v is not None:
-                    os.environ[k] = v
+    for key in ("LLMPQ_SLURM_ACCOUNT", "LLMPQ_SLURM_PARTITION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    site = SiteSettings.from_env()
+    assert (site.account, site.partition) == (env.get("LLMPQ_SLURM_ACCOUNT"), env.get("LLMPQ_SLURM_PARTITION"))
+    assert eval(resources["slurm_account"], {}) == site.account
+    assert eval(resources["slurm_partition"], {}) == site.partition
 
 
 # ------------------------------------------------------------------ the job of a plan

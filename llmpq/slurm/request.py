@@ -20,17 +20,6 @@ class DeviceRequest:
         """`--gres` value for `count` devices on one node (`gpu:t4:3`), or None for a device without GRES."""
         return f"{self.gres}:{count}" if self.gres else None
 
-    @property
-    def gres_type(self) -> str | None:
-        """The GRES type alone (`t4` of `gpu:t4`), which `scontrol show job -d` lists per node."""
-        return self.gres.split(":", 1)[1] if self.gres and ":" in self.gres else None
-
-    def describe(self) -> str:
-        parts = [f"gres {self.gres}" if self.gres else "no gres", f"partition {self.partition or '(default)'}"]
-        if self.constraint:
-            parts.append(f"constraint {self.constraint}")
-        return ", ".join(parts)
-
 
 def constraint_expression(constraint: str | None, memory_constraint: str | None) -> str | None:
     """The `-C` expression: the block's constraint AND its memory constraint (an OR is parenthesised first)."""

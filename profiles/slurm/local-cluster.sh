@@ -316,9 +316,16 @@ start_mariadb() {
         wait_for "$START_TIMEOUT" mariadb_ok ||
             die "MariaDB does not answer after ${START_TIMEOUT}s; see $MYSQL_ERR_LOG and $MYSQL_LOG_DIR/mysqld_safe.log"
     fi
-    local pw
+    local pw fresh=""
     pw=$(sed -n 's/^StoragePass=//p' "$DBD_CONF" | head -n1)
+    if [[ ! -e $CTLD_SPOOL/job_state && ! -e $CTLD_SPOOL/job_state.old ]] && ! pid_of "$DBD_PID" slurmdbd >/dev/null; then
+        # A controller without saved state numbers jobs from 1 again: start accounting afresh with it,
+        # or sacct -j would find an earlier job of the same number.
+        fresh="DROP DATABASE IF EXISTS $DB_NAME;"
+        log "mariadb: no saved controller state: the accounting database starts empty"
+    fi
     mysql --protocol=socket <<SQL || die "could not create the accounting database/user in MariaDB"
+$fresh
 CREATE DATABASE IF NOT EXISTS $DB_NAME;
 CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$pw';
 ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$pw';
