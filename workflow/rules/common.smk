@@ -1,4 +1,4 @@
-"""Config composition for the rules (imports llmpq.config only: no torch, so dry runs stay fast)."""
+"""Config composition and SLURM requests for the rules (imports llmpq.config, llmpq.slurm and the plan reader: no torch, so dry runs stay fast)."""
 
 import shlex
 from pathlib import Path
