@@ -39,6 +39,12 @@ VERBS: dict[str, tuple[str, str]] = {
                                               "script (engine=vllm|sglang out=DIR)"),
 }
 
+# Verbs about the tool itself: no experiment is composed, and they take their own arguments.
+TOOLS: dict[str, tuple[str, str]] = {
+    "slurm-profile": ("llmpq.slurm.profile_link:cli_slurm_profile",
+                      "link profiles/slurm where `snakemake --profile slurm` finds it (install|show|remove)"),
+}
+
 RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "engine", "prompts")
 
 
@@ -104,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks and third-party warnings")
         p.add_argument("pairs", nargs="*", metavar="KEY=VALUE",
                        help=f"hydra overrides (cluster=paper-c3, workload.gen_len=200) or {', '.join(RESERVED)}")
+    tool = sub.add_parser("slurm-profile", help=TOOLS["slurm-profile"][1], description=TOOLS["slurm-profile"][1])
+    tool.add_argument("action", nargs="?", choices=("install", "show", "remove"), default="show")
+    tool.add_argument("--name", default="slurm", help="profile name (default: slurm)")
+    tool.add_argument("--force", action="store_true", help="replace a directory of that name")
     return parser
 
 
@@ -111,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one verb. Exit codes: 0 done, 2 bad configuration or arguments, 1 any other failure (one line on
     stderr naming what to change; `--debug` shows the traceback)."""
     args = _parser().parse_args(argv)
+    if args.verb in TOOLS:
+        module, func = TOOLS[args.verb][0].split(":")
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
     if not args.debug and sys.stderr.isatty():
         quiet_third_party()
     reserved, overrides = _split(args.pairs)

@@ -92,3 +92,37 @@ def test_failing_job_is_failed_with_its_exit_code(slurm_cluster, tmp_path):
     state, exit_code = wait_for_end(job_id)
     assert state == "FAILED"
     assert exit_code == "3:0"  # <exit status>:<signal>
+
+
+def test_two_nodes_with_their_own_gpu_type_and_partition(slurm_cluster):
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P %G %T"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    rows = sorted(tuple(line.split()) for line in out.splitlines())
+    assert [(p.rstrip("*"), g) for p, g, _ in rows] == [("local", "gpu:typea:2"), ("local2", "gpu:typeb:2")]
+    assert all(state in ("idle", "mixed", "allocated") for _, _, state in rows), rows
+
+
+def test_a_submission_that_sbatch_refuses_is_a_deploy_error(slurm_cluster, tiny_opt_dir, tmp_path):
+    """A site's device names a partition the cluster does not have: deploy fails at once, naming sbatch's error."""
+    import sys
+
+    from llmpq.costmodel.memory import StageMemory
+    from llmpq.solve.plan import Plan, StagePlan, to_json
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "conf" / "device" / "cpu-typeb.yaml").read_text()
+    (tmp_path / "site" / "device").mkdir(parents=True)
+    (tmp_path / "site" / "device" / "cpu-typeb.yaml").write_text(text.replace("partition: local2", "partition: nosuch"))
+    memory = StageMemory(10**6, 10**5, 10**5, 0, 0, 0, 0, 1 << 30)
+    stages = tuple(StagePlan(d, n, 2 * j, 2 * j + 2, (16, 16), memory, 1.0, 1.0)
+                   for j, (d, n) in enumerate((("cpu-typea", "n0"), ("cpu-typeb", "n1"))))
+    plan = tmp_path / "plan.json"
+    plan.write_text(to_json(Plan("test", "tiny-opt", "local-2node", "s64-n16-b8", "gptq", 128, 2, 2, stages, 0.01, 0.01,
+                                 1.0, 0, 0.0, None, None, "profile", "proxy", "feasible", None, None, "baseline")))
+    proc = subprocess.run([sys.executable, "-m", "llmpq.cli", "deploy", "--config-dir", str(tmp_path / "site"),
+                           "cluster=local-2node", f"model.source={tiny_opt_dir}", "deploy.launcher=sbatch",
+                           f"plan={plan}", f"out={tmp_path / 'run.parquet'}", f"results={tmp_path / 'results'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sbatch" in proc.stderr and "nosuch" in proc.stderr and "no runs table written" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run.parquet").exists()

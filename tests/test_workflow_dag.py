@@ -2,6 +2,9 @@
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from workflow_support import ROOT, planned_jobs, snakemake
@@ -44,4 +47,55 @@ def test_slurm_profile_requests_gpus_of_each_device_type(empty_workdir):
                   timeout=300)
     requests = re.findall(r"rule profile:\n(?:.*\n)*?\s+resources: .*?gpu=(\d+), gpu_model=(\w+)", out)
     assert sorted(requests) == [("1", "t4"), ("1", "v100")]
-    assert "slurm_partition=local" in out
+    assert "constraint=v100-32g" in out        # the V100's memory size, as a node feature
+    assert "slurm_partition" not in out        # no device names one, LLMPQ_SLURM_PARTITION unset: SLURM's default
+
+
+PAPER_3GPU = """name: paper-3gpu
+nodes:
+  - {name: n0, devices: {t4: 2}}
+  - {name: n1, devices: {v100-32g: 1}}
+  - {name: n2, devices: {a100-80g: 1}}
+present: false
+links:
+  intra_node: {bandwidth_gbps: 16, latency_us: 10}
+  inter_node: {bandwidth_gbps: 1.25, latency_us: 50}
+"""
+
+
+def site_device(site: Path, stem: str, slurm: str) -> None:
+    """A site's device file (the shipped one with its own `slurm:` block), as the README says to write it."""
+    text = (ROOT / "conf" / "device" / f"{stem}.yaml").read_text()
+    (site / "device").mkdir(parents=True, exist_ok=True)
+    (site / "device" / f"{stem}.yaml").write_text(
+        "\n".join(f"slurm: {slurm}" if line.startswith("slurm:") else line for line in text.splitlines()) + "\n")
+
+
+@pytest.mark.slow
+def test_slurm_dry_run_shows_one_heterogeneous_deploy_job_per_plan(empty_workdir, tiny_opt_dir):
+    """A paper-style cluster of three GPU types (a site names two partitions): the uniform plan's deploy is one
+    heterogeneous job, one component per type and node, each with its partition, constraint and GPU count."""
+    site = empty_workdir / "site"
+    (site / "cluster").mkdir(parents=True)
+    (site / "cluster" / "paper-3gpu.yaml").write_text(PAPER_3GPU)
+    site_device(site, "t4", "{gpu_model: tesla_t4, partition: gpu-t4}")
+    site_device(site, "v100-32g", "{gpu_model: v100, memory_constraint: v100-32g, partition: volta}")
+    shutil.copytree(tiny_opt_dir, empty_workdir / "results" / "models" / "tiny-opt")
+    plan = empty_workdir / "results" / "plans" / "tiny-opt" / "paper-3gpu" / "s64-n16-b8" / "uniform.json"
+    solve = subprocess.run([sys.executable, "-m", "llmpq.cli", "solve", "--config-dir", str(site), "model=tiny-opt",
+                            "cluster=paper-3gpu", "solver=uniform", f"out={plan}"], cwd=empty_workdir,
+                           capture_output=True, text=True, timeout=300)
+    assert solve.returncode == 0, solve.stderr[-2000:]
+    out = snakemake(empty_workdir, "-n", "--profile", str(ROOT / "profiles/slurm"), "--config", f"config_dir={site}",
+                    "experiments=[{model: tiny-opt, cluster: paper-3gpu, workload: s64-n16-b8, solvers: [uniform]}]",
+                    "--", str(plan.relative_to(empty_workdir)).replace("plans", "runs").replace(".json", ".parquet"),
+                    timeout=300)
+    jobs = re.findall(r"slurm_job=(.*)", out)
+    assert len(jobs) == 1, out[-3000:]
+    head, *components = jobs[0].split("; ")
+    assert head.startswith("heterogeneous job of 3 components, 4 tasks, --time=")
+    assert re.fullmatch(r"\[0\] stages 0,1 t4@n0 -p gpu-t4 -n2 -c1 --mem=\d+M --gres=gpu:tesla_t4:2", components[0])
+    assert re.fullmatch(r"\[1\] stages 2 v100-32g@n1 -p volta -n1 -c1 --mem=\d+M --gres=gpu:v100:1 -C v100-32g",
+                        components[1])
+    assert re.fullmatch(r"\[2\] stages 3 a100-80g@n2 -n1 -c1 --mem=\d+M --gres=gpu:a100:1 -C a100-80g",
+                        components[2])

@@ -27,14 +27,16 @@ class Finished:
     text: str
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 1800, check: bool = True, returncode: bool = False):
+def snakemake(workdir: Path, *args: str, timeout: int = 1800, check: bool = True, returncode: bool = False,
+              env: dict[str, str] | None = None):
     """Run Snakemake on the repository's Snakefile in `workdir`; return stdout + stderr (with the exit code as a
     `Finished` when `returncode`).
 
     The interpreter's bin directory goes first on PATH, so that the rules' `llmpq` is this environment's
-    even when the tests run without an activated venv.
+    even when the tests run without an activated venv. `env` adds variables.
     """
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **(env or {}),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
                            str(workdir), *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
                           env=env)

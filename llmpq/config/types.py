@@ -20,6 +20,24 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class SlurmBlock:
+    """A device's `slurm:` block: how a site's SLURM is asked for devices of this type.
+
+    gpu_model: the site's GRES type of this GPU (`--gres=gpu:<gpu_model>:N`); gres: a whole GRES name[:type]
+    instead (`--gres=<gres>:N`), for sites whose GPUs are not `gpu` GRES; partition (`-p`); constraint:
+    a node feature expression (`-C`); memory_constraint: the node feature that only nodes with this card's
+    memory size carry (ANDed with `constraint`), which tells a 16 GB from a 32 GB card of one GRES type.
+    N, the count, comes from the plan.
+    """
+
+    gpu_model: str | None = None
+    gres: str | None = None
+    partition: str | None = None
+    constraint: str | None = None
+    memory_constraint: str | None = None
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """One device type (a GPU model, or a slice of this machine's CPU cores)."""
 
@@ -35,10 +53,9 @@ class DeviceSpec:
     efficiency: Efficiency = Efficiency()
     threads: int | None = None
     memory_cap_gib: float | None = None
-    compute_capability: float | None = None   # GPUs: e.g. 8.0 for an A100; None for CPUs or when not given
-    slurm: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     compute_capability: float | None = None          # GPUs: from the spec sheet; None on a CPU
     kernels: tuple[tuple[int, str], ...] = ()        # (bits, kernel) overriding the menu derived from the capability
+    slurm: SlurmBlock = field(default_factory=SlurmBlock, hash=False, compare=False)
 
     @property
     def memory_bytes(self) -> int:

@@ -16,6 +16,7 @@ from .types import (
     ModelSpec,
     Node,
     QuantSpec,
+    SlurmBlock,
     SolverSpec,
     WorkloadSpec,
 )
@@ -126,6 +127,24 @@ def kernel_overrides(r: Reader, bits: tuple[int, ...]) -> tuple[tuple[int, str],
     return tuple(sorted(out, reverse=True))
 
 
+SLURM_KEYS = ("gpu_model", "gres", "partition", "constraint", "memory_constraint")
+
+
+def slurm_block(r: Reader) -> SlurmBlock:
+    """A device's `slurm:` block; unknown keys, gres with a count, and gres together with gpu_model are refused."""
+    unknown = sorted(str(k) for k in r.data if k not in SLURM_KEYS)
+    if unknown:
+        raise r.fail(unknown[0], f"unknown key (known: {', '.join(SLURM_KEYS)})")
+    values = {k: r.get(k, str, None, lambda v: None if v.strip() else "must not be empty") for k in SLURM_KEYS}
+    gres = values["gres"]
+    if gres is not None and (len(gres.split(":")) > 2 or gres.split(":")[-1].isdigit()):
+        raise r.fail("gres", f"give the GRES as name or name:type without a count, got {gres!r} "
+                             "(the count comes from the plan)")
+    if gres is not None and values["gpu_model"] is not None:
+        raise r.fail("gres", "give gres or gpu_model, not both")
+    return SlurmBlock(**values)
+
+
 def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
     r = Reader(file, data)
     kind = r.get("kind", str, "gpu", one_of(("gpu", "cpu")))
@@ -153,7 +172,7 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
         efficiency=efficiency,
         threads=threads,
         memory_cap_gib=r.get("memory_cap_gib", float, None, positive),
-        slurm=dict(r.get("slurm", Mapping, {})),
+        slurm=slurm_block(r.sub("slurm")) if data.get("slurm") is not None else SlurmBlock(),
         compute_capability=capability,
         kernels=kernel_overrides(r, bits),
     )

@@ -32,6 +32,9 @@ class StageSpec:
     cap_bytes: int | None       # a CPU device's memory_cap_gib, enforced before loading
     cuda_index: int | None = None
     kernels: tuple[tuple[int, str], ...] = ()   # (bits, weight kernel) from the plan
+    component: int | None = None        # under a plan's SLURM job: its component, and what that component holds
+    slurm_gres: str | None = None       # GRES without count (gpu:t4)
+    slurm_partition: str | None = None
 
     @property
     def kernel_map(self) -> dict[int, str]:
@@ -73,6 +76,7 @@ class RunJob:
     verify: bool = True
     warmup: bool = True
     kernel_needs: tuple[KernelNeeds, ...] = ()
+    task_stages: tuple[int, ...] = ()   # under a plan's SLURM job: the stage of each task rank (SLURM_PROCID)
 
     @property
     def batch(self) -> int:
@@ -97,4 +101,5 @@ class RunJob:
         prompts = tuple(tuple(p) for p in data.pop("prompts"))
         needs = tuple(KernelNeeds(n["name"], tuple(n["device_kinds"]), n["min_compute_capability"])
                       for n in data.pop("kernel_needs", ()))
-        return RunJob(stages=stages, prompts=prompts, kernel_needs=needs, **data)
+        task_stages = tuple(data.pop("task_stages", ()))
+        return RunJob(stages=stages, prompts=prompts, kernel_needs=needs, task_stages=task_stages, **data)

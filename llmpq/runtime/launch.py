@@ -9,7 +9,10 @@ loaded), samples the workload's prompts, writes the job every stage reads, then 
   `srun --kill-on-bad-exit=1 -n N python -m llmpq.runtime.stage JOB`, with MASTER_ADDR the first node of
   the allocation and a free MASTER_PORT;
 - otherwise torchrun on this node (`python -m torch.distributed.run --standalone --nproc-per-node N -m
-  llmpq.runtime.stage JOB`; it stops every worker as soon as one fails).
+  llmpq.runtime.stage JOB`; it stops every worker as soon as one fails);
+- `launcher: sbatch` (what the workflow's rule passes under the Snakemake SLURM executor): one SLURM job for all
+  stages, heterogeneous where they need different device requests or plan nodes, submitted from here and waited
+  for (`llmpq.runtime.slurm_run`).
 
 Stages talk over torch.distributed: gloo on CPUs, NCCL on GPUs. Options come from the config's optional
 `deploy:` block (`DeployOptions`). The runs table and its tokens sidecar are written only after every
@@ -22,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,15 +36,19 @@ from .. import paths
 from ..artifacts import provenance, write_table
 from ..config import Experiment
 from ..generate.planning import planning_experiment
+from ..slurm.hetjob import SlurmJob
+from ..slurm.rendezvous import first_slurm_node, free_port
+from ..slurm.submit import SubmitError
 from ..solve.plan import Plan, read_plan
 from .caps import StageRefusal, check_caps, planned_memory
 from .job import RunJob, StageSpec
 from .kernel_check import KernelUnavailable, kernel_needs, plan_kernel_problems
 from .report import run_rows, sidecar, tokens_path, write_sidecar
 from .schedule import Fault
+from .slurm_run import run_on_slurm, slurm_layout
 from .stage import Placement, StageReport, run_stage
 
-LAUNCHERS = ("auto", "torchrun", "srun")
+LAUNCHERS = ("auto", "torchrun", "srun", "sbatch")
 STAGE_MODULE = "llmpq.runtime.stage"
 
 
@@ -55,7 +61,7 @@ class DeployOptions:
     """The optional `deploy:` config block.
 
     timeout_s: how long a stage waits for a peer (process group timeout) before it fails.
-    seed: which prompts are sampled from the workload's text. launcher: auto | torchrun | srun.
+    seed: which prompts are sampled from the workload's text. launcher: auto | torchrun | srun | sbatch.
     record_logits: also keep the logits of the first and last generated tokens (in the tokens sidecar).
     fault: a test hook, RANK:ROUND:exit|hang (`llmpq.runtime.schedule.Fault`).
     verify: check every layer file's sha256 against its store's manifest before loading it.
@@ -186,30 +192,16 @@ def allocation_tasks(env: Mapping[str, str]) -> int | None:
 
 
 def launch_mode(world: int, options: DeployOptions, env: Mapping[str, str]) -> str:
-    """inprocess (one stage), srun (inside a SLURM allocation with enough tasks) or torchrun."""
+    """sbatch when asked (even for one stage: it runs on the planned device), else inprocess (one stage),
+    srun (inside a SLURM allocation with enough tasks) or torchrun."""
+    if options.launcher == "sbatch":
+        return "sbatch"
     if world == 1:
         return "inprocess"
     if options.launcher != "auto":
         return options.launcher
     tasks = allocation_tasks(env)
     return "srun" if tasks is not None and tasks >= world else "torchrun"
-
-
-def first_slurm_node(env: Mapping[str, str]) -> str:
-    """The first host of the allocation (`scontrol show hostnames`), else this host."""
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if nodelist and shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
-        hosts = out.stdout.split()
-        if out.returncode == 0 and hosts:
-            return hosts[0]
-    return socket.gethostname()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def launch_command(mode: str, world: int, job_path: Path, env: Mapping[str, str],
@@ -259,13 +251,22 @@ def build_job(exp: Experiment, plan: Plan, specs: Sequence[StageSpec], weights: 
         kernel_needs=kernel_needs(exp.kernels, (k for s in specs for _, k in s.kernels)))
 
 
-def run_job(job: RunJob, mode: str) -> list[StageReport]:
-    """Run every stage of `job` (in this process, or as `mode` processes); their reports in stage order."""
+def run_job(job: RunJob, mode: str, slurm_job: SlurmJob | None = None) -> list[StageReport]:
+    """Run every stage of `job` (in this process, or as `mode` processes, or as `slurm_job` for sbatch); their
+    reports in stage order."""
     if mode == "inprocess":
         return [run_stage(job, Placement(0, 1, 0), init_dist=False)]
     world = len(job.stages)
-    cmd, env = launch_command(mode, world, job.write(Path(job.workdir) / "job.json"), os.environ)
-    code = _run(cmd, env)
+    if mode == "sbatch":
+        if slurm_job is None:
+            raise ValueError("launcher sbatch needs the plan's SLURM job (slurm_layout)")
+        try:
+            code = run_on_slurm(job, slurm_job, [sys.executable, "-m", STAGE_MODULE])
+        except SubmitError as exc:
+            raise DeployError(str(exc)) from None
+    else:
+        cmd, env = launch_command(mode, world, job.write(Path(job.workdir) / "job.json"), os.environ)
+        code = _run(cmd, env)
     if code != 0:
         raise DeployError(f"{mode} exited with code {code}: a stage failed (see the stage errors above)")
     missing = [r for r in range(world) if not job.report_path(r).is_file()]
@@ -294,14 +295,17 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
     check_caps(specs)
     _remove_outputs(out)
     mode = launch_mode(len(specs), options, os.environ)
+    slurm_job = None
     if mode == "torchrun":
         specs = [StageSpec(**{**vars(s), "cuda_index": i}) for s, i in zip(specs, cuda_assignment(specs))]
+    elif mode == "sbatch":
+        specs, slurm_job = slurm_layout(exp, plan, specs, "deploy")
     quant_root = paths.quant_dir(Path(results), exp.model.name, plan.quant_scheme, 16).parent
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.deploy-", dir=out.parent))
     try:
         job = build_job(exp, plan, specs, weights, quant_root, workdir, options)
-        reports = run_job(job, mode)
+        reports = run_job(job, mode, slurm_job)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows, data = run_rows(job, plan, reports), sidecar(job, reports)

@@ -2,11 +2,14 @@
 
 The same entry point under torchrun (rank and world from RANK / WORLD_SIZE / LOCAL_RANK) and under srun
 (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT set by the launcher). Rank j
-runs stage j of the job: before loading anything it checks its device's memory cap and that its device can
-run the plan's weight kernels, joins the process group, notes its RSS, then loads only its layers (each
-quantized bit-width on the plan's kernel, and the embedding or head where it is first or last), runs the
-schedule while a thread samples its RSS, and writes its report (with the RSS growth) beside the job. Any error ends the process non-zero; its peers then fail on the broken connection or
-time out, and the launcher (torchrun, or srun --kill-on-bad-exit) stops the rest.
+runs stage j of the job; in a plan's SLURM job (the job lists `task_stages`) the task's component and rank
+say which stage it runs, and a task that is not where the job put its stage fails before loading. Before
+loading anything a stage checks its device's memory cap and that its device can run the plan's weight
+kernels, joins the process group, notes its RSS, then loads only its layers (each quantized bit-width on the
+plan's kernel, and the embedding or head where it is first or last), runs the schedule while a thread samples
+its RSS, and writes its report (with the RSS growth) beside the job. Any error ends the process non-zero; its
+peers then fail on the broken connection or time out, and the launcher (torchrun, or srun --kill-on-bad-exit)
+stops the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .measure import RssSampler, StageClock, memory_stats, prime_math_libraries,
 from .parts import load_stage, prepare_stage
 from ..profile.timing import torch_threads
 from .schedule import Fault, StageRunner, plan_steps
+from .slurm_run import PlacementError, slurm_stage
 
 CAP_EXIT_CODE = 3
 
@@ -150,11 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = RunJob.read(argv[0])
     place = placement_from_env()
-    where = f"llmpq stage {place.rank}"
+    where, slot = f"llmpq stage {place.rank}", ""
+    if job.task_stages:
+        try:
+            stage, index, slot = slurm_stage(job, os.environ)
+        except (PlacementError, KeyError, ValueError) as exc:
+            print(f"llmpq task {os.environ.get('SLURM_PROCID', '?')}: placement error: {exc}", file=sys.stderr,
+                  flush=True)
+            return 1
+        place = Placement(stage, len(job.stages), index)
+        where = f"llmpq stage {stage}"
+        print(f"{where} ({job.stages[stage].device}): {slot}", flush=True)
     if place.world != len(job.stages):
         print(f"{where}: started with {place.world} processes for a plan of {len(job.stages)} stages", file=sys.stderr)
         return 2
-    where += f" ({job.stages[place.rank].device})"
+    where += f" ({job.stages[place.rank].device}{', ' + slot if slot else ''})"
     try:
         report = run_stage(job, place)
     except StageRefusal as exc:

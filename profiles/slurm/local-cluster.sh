@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster (with accounting) on this machine, for development and CI.
+# A real two-node SLURM cluster (with accounting and typed GPUs) on this one machine, for development and CI.
 #
 #   local-cluster.sh install   apt-get install slurm-wlm slurmdbd munge mariadb-server (if missing)
-#   local-cluster.sh start     start munge, MariaDB, slurmdbd, slurmctld, slurmd; wait for the node
+#   local-cluster.sh start     start munge, MariaDB, slurmdbd, slurmctld, one slurmd per node; wait for the nodes
 #   local-cluster.sh stop      stop all of them (slurmd, slurmctld, slurmdbd, MariaDB, munge)
 #   local-cluster.sh restart   stop, then start
 #   local-cluster.sh status    print each daemon's state; exit 1 unless the cluster is usable
 #
-# One node (this host: CPUs = nproc, RealMemory = 95% of MemTotal), one default partition
-# "local", accounting through slurmdbd + MariaDB (the Snakemake SLURM plugin polls `sacct`),
-# cluster "llmpq" and account "llmpq" registered with sacctmgr. No GPU gres is declared.
+# Two SLURM nodes on this host, so that heterogeneous jobs (which need their components on different
+# nodes under the backfill scheduler) run for real: node "<host>" in the default partition "local"
+# with two fake GPUs of type "typea", node "<host>2" in partition "local2" with two of type "typeb".
+# Each slurmd has its own port, spool, pid and log file (%n). The fake GPUs are null-device files
+# (/dev/llmpq-fakegpuN, `mknod c 1 3`): SLURM 22.05 drops typed GPUs without device files. Both nodes
+# declare all of this host's CPUs and 95% of its memory, so jobs on both nodes at once share them.
+# Accounting through slurmdbd + MariaDB (the Snakemake SLURM plugin polls `sacct`; GRES types and job
+# comments are recorded), cluster "llmpq" and account "llmpq" registered with sacctmgr.
 # Daemons are started directly (no systemd needed), config under /etc/slurm, state under
 # /var/spool, logs under /var/log. Everything is idempotent: `start` twice is fine.
 # install/start/stop/restart need root; status does not.
 set -euo pipefail
 
 CLUSTER_NAME="llmpq"
-PARTITION="local"
+PARTITION="local"     # node 1, default partition, GPU type typea
+PARTITION2="local2"   # node 2, GPU type typeb
+GPU_TYPE="typea"
+GPU_TYPE2="typeb"
+GPUS_PER_NODE=2
+SLURMD_PORT=6818
+SLURMD_PORT2=6820
 ACCOUNT="llmpq"
 START_TIMEOUT="${LLMPQ_SLURM_START_TIMEOUT:-90}"   # seconds to wait for each daemon / the node
 
 SLURM_CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
+GRES_CONF=/etc/slurm/gres.conf
+FAKE_GPU_PREFIX=/dev/llmpq-fakegpu
 SLURM_LOG_DIR=/var/log/slurm
 SLURM_RUN_DIR=/run/slurm
 CTLD_SPOOL=/var/spool/slurmctld
 SLURMD_SPOOL=/var/spool/slurmd
 CTLD_PID="$SLURM_RUN_DIR/slurmctld.pid"
-SLURMD_PID="$SLURM_RUN_DIR/slurmd.pid"
+OLD_SLURMD_PID="$SLURM_RUN_DIR/slurmd.pid"   # the single-node layout of earlier versions
 DBD_PID="$SLURM_RUN_DIR/slurmdbd.pid"
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PID=/run/munge/munged.pid
@@ -52,6 +65,8 @@ require_root() {
 }
 
 node_name() { hostname -s; }
+node_names() { printf '%s\n' "$(node_name)" "$(node_name)2"; }
+slurmd_pid_file() { printf '%s/slurmd-%s.pid' "$SLURM_RUN_DIR" "$1"; }
 
 # Print the pid in pidfile $1 if that process is alive and its command name is $2.
 pid_of() {
@@ -105,15 +120,20 @@ slurmdbd_ok() {
         timeout 10 sacctmgr -n -P show cluster format=cluster >/dev/null 2>&1
 }
 slurmctld_ok() { have scontrol && timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
-slurmd_ok() { pid_of "$SLURMD_PID" slurmd >/dev/null; }
-node_state() { timeout 10 sinfo -h -N -n "$(node_name)" -o '%T' 2>/dev/null | head -n1; }
+slurmd_ok() { # [NODE]: that node's slurmd, or every node's
+    local n
+    for n in ${1:-$(node_names)}; do
+        pid_of "$(slurmd_pid_file "$n")" slurmd >/dev/null || return 1
+    done
+}
+node_state() { timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n1; }
 node_usable() {
-    case "$(node_state)" in
+    case "$(node_state "$1")" in
         idle | mixed | allocated | completing) return 0 ;;
         *) return 1 ;;
     esac
 }
-node_idle() { [[ $(node_state) == idle ]]; }
+node_idle() { [[ $(node_state "$1") == idle ]]; }
 sacct_ok() { timeout 10 sacct -n -X --starttime now-1minutes >/dev/null 2>&1; }
 
 # ---------------------------------------------------------------- install
@@ -171,9 +191,30 @@ db_password() {
     printf '%s' "$pw"
 }
 
+# The fake GPUs: null-device files (reads give EOF, writes vanish), one per GPU of each node.
+make_fake_gpus() {
+    local i path
+    for ((i = 0; i < 2 * GPUS_PER_NODE; i++)); do
+        path="$FAKE_GPU_PREFIX$i"
+        [[ -c $path || -f $path ]] && continue
+        rm -f "$path"
+        if ! mknod -m 0666 "$path" c 1 3 2>/dev/null; then
+            # Without CAP_MKNOD (some containers): a regular file stands in. slurmd logs that it is no
+            # device, but the node keeps its GRES and jobs get them (seen with SLURM 22.05).
+            log "mknod $path not permitted: a regular file stands in"
+            : >"$path" || die "cannot create $path"
+        fi
+    done
+}
+
+gpu_files() { # FIRST_INDEX: the device files of one node, in SLURM's range syntax
+    printf '%s[%d-%d]' "$FAKE_GPU_PREFIX" "$1" $(($1 + GPUS_PER_NODE - 1))
+}
+
 write_configs() {
-    local node cpus mem_mb real_mb pw
+    local node node2 cpus mem_mb real_mb pw
     node=$(node_name)
+    node2="${node}2"
     cpus=$(nproc)
     mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     real_mb=$((mem_mb * 95 / 100)) # slurmd drains a node that reports less than RealMemory
@@ -203,25 +244,38 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$SLURM_RUN_DIR/slurmd-%n.pid
 StateSaveLocation=$CTLD_SPOOL
-SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmdSpoolDir=$SLURMD_SPOOL/%n
 SlurmctldLogFile=$SLURM_LOG_DIR/slurmctld.log
-SlurmdLogFile=$SLURM_LOG_DIR/slurmd.log
+SlurmdLogFile=$SLURM_LOG_DIR/slurmd-%n.log
 SchedulerType=sched/backfill
+# Heterogeneous jobs are started by the backfill scheduler only: look every 2 s, not every 30 s.
+SchedulerParameters=bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Jobs without --mem get this much per CPU (else they would take the whole node's memory).
 DefMemPerCPU=1024
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStorageTRES=gres/gpu,gres/gpu:$GPU_TYPE,gres/gpu:$GPU_TYPE2
+# sacct --format=Comment shows the rule and wildcards that the Snakemake plugin writes there
+AccountingStoreFlags=job_comment
+GresTypes=gpu
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 InactiveLimit=0
 MinJobAge=300
 KillWait=30
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mb State=UNKNOWN
-PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=INFINITE State=UP"
+NodeName=$node NodeAddr=127.0.0.1 Port=$SLURMD_PORT CPUs=$cpus RealMemory=$real_mb Gres=gpu:$GPU_TYPE:$GPUS_PER_NODE State=UNKNOWN
+NodeName=$node2 NodeAddr=127.0.0.1 Port=$SLURMD_PORT2 CPUs=$cpus RealMemory=$real_mb Gres=gpu:$GPU_TYPE2:$GPUS_PER_NODE State=UNKNOWN
+PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION2 Nodes=$node2 MaxTime=INFINITE State=UP"
+
+    write_managed "$GRES_CONF" 644 "$MARKER
+AutoDetect=off
+NodeName=$node Name=gpu Type=$GPU_TYPE File=$(gpu_files 0)
+NodeName=$node2 Name=gpu Type=$GPU_TYPE2 File=$(gpu_files "$GPUS_PER_NODE")"
 }
 
 # ---------------------------------------------------------------- start
@@ -262,9 +316,16 @@ start_mariadb() {
         wait_for "$START_TIMEOUT" mariadb_ok ||
             die "MariaDB does not answer after ${START_TIMEOUT}s; see $MYSQL_ERR_LOG and $MYSQL_LOG_DIR/mysqld_safe.log"
     fi
-    local pw
+    local pw fresh=""
     pw=$(sed -n 's/^StoragePass=//p' "$DBD_CONF" | head -n1)
+    if [[ ! -e $CTLD_SPOOL/job_state && ! -e $CTLD_SPOOL/job_state.old ]] && ! pid_of "$DBD_PID" slurmdbd >/dev/null; then
+        # A controller without saved state numbers jobs from 1 again: start accounting afresh with it,
+        # or sacct -j would find an earlier job of the same number.
+        fresh="DROP DATABASE IF EXISTS $DB_NAME;"
+        log "mariadb: no saved controller state: the accounting database starts empty"
+    fi
     mysql --protocol=socket <<SQL || die "could not create the accounting database/user in MariaDB"
+$fresh
 CREATE DATABASE IF NOT EXISTS $DB_NAME;
 CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$pw';
 ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$pw';
@@ -323,37 +384,38 @@ start_slurmctld() {
         die "slurmctld is not UP after ${START_TIMEOUT}s (scontrol ping); see $SLURM_LOG_DIR/slurmctld.log"
 }
 
-start_slurmd() {
-    if slurmd_ok; then
-        log "slurmd: running"
+start_slurmd() { # NODE
+    local node=$1
+    if slurmd_ok "$node"; then
+        log "slurmd $node: running"
         return 0
     fi
-    log "slurmd: starting"
-    slurmd </dev/null >>"$SLURM_LOG_DIR/slurmd.start.log" 2>&1 ||
-        die "slurmd failed to start; see $SLURM_LOG_DIR/slurmd.log and $SLURM_LOG_DIR/slurmd.start.log"
+    install -d -m 0755 "$SLURMD_SPOOL/$node"
+    log "slurmd $node: starting"
+    slurmd -N "$node" </dev/null >>"$SLURM_LOG_DIR/slurmd-$node.start.log" 2>&1 ||
+        die "slurmd $node failed to start; see $SLURM_LOG_DIR/slurmd-$node.log and $SLURM_LOG_DIR/slurmd-$node.start.log"
 }
 
-wait_node() {
-    local node state
-    node=$(node_name)
-    if wait_for "$START_TIMEOUT" node_idle; then
-        log "node $node: idle (partition $PARTITION)"
+wait_node() { # NODE
+    local node=$1 state
+    if wait_for "$START_TIMEOUT" node_idle "$node"; then
+        log "node $node: idle"
         return 0
     fi
-    state=$(node_state)
-    if [[ $state == *drain* || $state == down* ]]; then
+    state=$(node_state "$node")
+    if [[ $state == *drain* || $state == down* || $state == inval* ]]; then
         log "node $node is '$state'; trying State=RESUME once"
         scontrol update NodeName="$node" State=RESUME || true
-        if wait_for 20 node_usable; then
-            log "node $node: $(node_state)"
+        if wait_for 20 node_usable "$node"; then
+            log "node $node: $(node_state "$node")"
             return 0
         fi
-    elif node_usable; then
+    elif node_usable "$node"; then
         log "node $node: $state (running jobs)"
         return 0
     fi
     sinfo -R >&2 || true
-    die "node $node is '$(node_state)', not idle, after ${START_TIMEOUT}s; see $SLURM_LOG_DIR/slurmd.log and $SLURM_LOG_DIR/slurmctld.log"
+    die "node $node is '$(node_state "$node")', not idle, after ${START_TIMEOUT}s; see $SLURM_LOG_DIR/slurmd-$node.log and $SLURM_LOG_DIR/slurmctld.log"
 }
 
 cmd_start() {
@@ -363,6 +425,7 @@ cmd_start() {
         have "$b" || [[ -x /usr/sbin/$b ]] || die "$b not found; run '$0 install' first"
     done
     install -d -m 0755 "$SLURM_LOG_DIR" "$SLURM_RUN_DIR" "$CTLD_SPOOL" "$SLURMD_SPOOL"
+    make_fake_gpus
     write_configs
     if ((CONFIG_CHANGED)) && slurm_daemon_running; then
         # Daemons read their config at start: restart the ones that run with an older one.
@@ -374,20 +437,33 @@ cmd_start() {
     start_slurmdbd
     register_cluster
     start_slurmctld
-    start_slurmd
-    wait_node
+    local n
+    for n in $(node_names); do
+        start_slurmd "$n"
+    done
+    for n in $(node_names); do
+        wait_node "$n"
+    done
     register_account
-    log "cluster '$CLUSTER_NAME' is up: partition '$PARTITION', account '$ACCOUNT'"
+    log "cluster '$CLUSTER_NAME' is up: partitions '$PARTITION' (gpu:$GPU_TYPE) and '$PARTITION2' (gpu:$GPU_TYPE2), account '$ACCOUNT'"
 }
 
 # ---------------------------------------------------------------- stop
 slurm_daemon_running() {
-    pid_of "$SLURMD_PID" slurmd >/dev/null || pid_of "$CTLD_PID" slurmctld >/dev/null ||
+    local n
+    for n in $(node_names); do
+        pid_of "$(slurmd_pid_file "$n")" slurmd >/dev/null && return 0
+    done
+    pid_of "$OLD_SLURMD_PID" slurmd >/dev/null || pid_of "$CTLD_PID" slurmctld >/dev/null ||
         pid_of "$DBD_PID" slurmdbd >/dev/null
 }
 
 stop_slurm_daemons() {
-    stop_pidfile slurmd "$SLURMD_PID" slurmd
+    local n
+    for n in $(node_names); do
+        stop_pidfile "slurmd $n" "$(slurmd_pid_file "$n")" slurmd
+    done
+    stop_pidfile slurmd "$OLD_SLURMD_PID" slurmd
     stop_pidfile slurmctld "$CTLD_PID" slurmctld
     stop_pidfile slurmdbd "$DBD_PID" slurmdbd
 }
@@ -416,9 +492,9 @@ cmd_status() {
     local ok=0 state="" ctld_up=0 dbd_up=0
     report() { # NAME UP(0|1) [DETAIL]
         if (($2)); then
-            printf '  %-10s up%s\n' "$1" "${3:+ ($3)}"
+            printf '  %-12s up%s\n' "$1" "${3:+ ($3)}"
         else
-            printf '  %-10s DOWN%s\n' "$1" "${3:+ ($3)}"
+            printf '  %-12s DOWN%s\n' "$1" "${3:+ ($3)}"
             ok=1
         fi
     }
@@ -429,15 +505,23 @@ cmd_status() {
     report slurmdbd "$dbd_up"
     slurmctld_ok && ctld_up=1
     report slurmctld "$ctld_up"
-    report slurmd "$(slurmd_ok && echo 1 || echo 0)"
-    # sinfo and sacct retry for seconds when their daemon is down: only ask a live one.
-    if ((ctld_up)); then
-        state=$(node_state || true)
-    fi
-    case "$state" in
-        idle | mixed | allocated | completing) report node 1 "$state, partition $PARTITION" ;;
-        *) report node 0 "${state:-unknown}" ;;
-    esac
+    local n partitions=("$PARTITION" "$PARTITION2") types=("$GPU_TYPE" "$GPU_TYPE2") i=0
+    for n in $(node_names); do
+        report "slurmd $n" "$(slurmd_ok "$n" && echo 1 || echo 0)"
+    done
+    for n in $(node_names); do
+        state=""
+        # sinfo and sacct retry for seconds when their daemon is down: only ask a live one.
+        if ((ctld_up)); then
+            state=$(node_state "$n" || true)
+        fi
+        case "$state" in
+            idle | mixed | allocated | completing)
+                report "node $n" 1 "$state, partition ${partitions[i]}, gpu:${types[i]}:$GPUS_PER_NODE" ;;
+            *) report "node $n" 0 "${state:-unknown}" ;;
+        esac
+        i=$((i + 1))
+    done
     report sacct "$( ((dbd_up)) && sacct_ok && echo 1 || echo 0)"
     if ((ok)); then
         echo "cluster is NOT usable; start it with: $0 start (logs under $SLURM_LOG_DIR)"

@@ -1,6 +1,5 @@
-"""Config composition for the rules (imports llmpq.config only: no torch, so dry runs stay fast)."""
+"""Config composition and SLURM requests for the rules (imports llmpq.config, llmpq.slurm and the plan reader: no torch, so dry runs stay fast)."""
 
-import json
 import os
 import shlex
 import sys
@@ -13,6 +12,12 @@ from functools import lru_cache
 from llmpq.config import ConfigError, ConfigSearch, compose_experiment, load_device
 from llmpq.config.compose import CONFIG_DIR_ENV
 from llmpq.data.prompts import file_sha256
+from llmpq.slurm.hetjob import plan_job
+from llmpq.slurm.request import plugin_resources
+from llmpq.slurm.resources import SlurmOptions
+from llmpq.slurm.script import job_name
+from llmpq.slurm.site import SiteSettings
+from llmpq.solve.plan import read_plan
 
 RESULTS = Path(config.get("results_dir", "results"))
 CONFIG_DIR = config.get("config_dir")
@@ -64,8 +69,13 @@ def model_slice(model):
 
 
 @lru_cache(maxsize=None)
+def _device_spec(device):
+    return load_device(device, config_dir=CONFIG_DIR)
+
+
+@lru_cache(maxsize=None)
 def _device(device):
-    return asdict(config_or_exit(load_device, device, config_dir=CONFIG_DIR))
+    return asdict(config_or_exit(_device_spec, device))
 
 
 def device_slice(device):
@@ -175,36 +185,52 @@ def plan_only_targets():
     return out
 
 
-def gpu_request(device, count=1):
-    """SLURM GPU request of `count` devices of one type from its config's `slurm:` block.
+def without_slurm(devices):
+    """Raw device configs without their `slurm:` blocks: where a job runs is no input of what it computes."""
+    return {stem: {k: v for k, v in spec.items() if k != "slurm"} for stem, spec in devices.items()}
 
-    Keys are those of snakemake-executor-plugin-slurm: `gres` if the block gives one, else `gpu` and
-    `gpu_model`; a CPU device requests nothing (0 and empty strings, which the plugin skips).
+
+def gpu_request(device, count=1):
+    """SLURM resources of a rule that runs on `count` devices of one type, from its config's `slurm:` block.
+
+    Keys of snakemake-executor-plugin-slurm: `gpu` + `gpu_model` or `gres`, and `slurm_partition` / `constraint`
+    where the block (or LLMPQ_SLURM_PARTITION) sets them; a device without a block requests nothing.
     """
-    spec = device_slice(device)
-    slurm = spec.get("slurm") or {}
-    if spec.get("kind") == "cpu":
-        return {"gpu": 0, "gpu_model": "", "gres": ""}
-    if slurm.get("gres"):
-        return {"gpu": 0, "gpu_model": "", "gres": f"{slurm['gres']}:{count}"}
-    return {"gpu": count, "gpu_model": slurm.get("gpu_model", device), "gres": ""}
+    return plugin_resources(_device_spec(device).slurm, SiteSettings.from_env(), count)
+
+
+def plan_launcher():
+    """How a rule that runs a plan starts its stages: `sbatch` (one SLURM job of its own, heterogeneous where the
+    plan needs it) under the Snakemake SLURM executor, else the config's `deploy.launcher`."""
+    plugin = workflow.executor_plugin
+    return "sbatch" if plugin is not None and plugin.name == "slurm" else config["deploy"]["launcher"]
+
+
+def plan_slurm_job(plan_file, rule):
+    """One line for dry runs: the SLURM job that `rule` submits for this plan under the SLURM executor."""
+    Path(plan_file).stat()  # a plan still to be made: FileNotFoundError naming it, which Snakemake shows as <TBD>
+    plan = read_plan(plan_file)
+    devices = {s.device: _device_spec(s.device) for s in plan.stages}
+    name = job_name(rule, plan.model, plan.cluster, plan.workload, plan.method)
+    return plan_job(plan, devices, name, SlurmOptions.from_raw(config.get("slurm")), SiteSettings.from_env()).summary()
 
 
 def plan_devices(plan_file):
     """Device stems of a plan's stages, in pipeline order."""
-    return [stage["device"] for stage in json.loads(Path(plan_file).read_text())["stages"]]
+    Path(plan_file).stat()  # a plan still to be made: FileNotFoundError naming it, which Snakemake shows as <TBD>
+    return [stage.device for stage in read_plan(plan_file).stages]
 
 
 def stage_cpus(plan_file):
-    """CPUs per deploy task under SLURM: the most threads any stage's device uses (1 for a GPU stage's host)."""
+    """CPUs per task under SLURM: the most threads any stage's device uses (1 for a GPU stage's host)."""
     return max(device_slice(d).get("threads") or 1 for d in plan_devices(plan_file))
 
 
-def deploy_gpu_request(plan_file):
-    """GPUs for a deploy job: one per stage, of the plan's single GPU type.
+def generate_gpu_request(plan_file):
+    """GPUs of a batch job submitted through the SLURM plugin: one per stage, of the plan's first GPU type.
 
-    A plan that mixes GPU types needs a heterogeneous job, which the SLURM plugin does not build:
-    such plans request the first stage's type and must be started by hand (see the README).
+    Unlike deploy, `generate` does not yet submit a heterogeneous job of its own: a plan that mixes GPU types
+    requests the first stage's type (see the README's limitations).
     """
     devices = plan_devices(plan_file)
     gpus = [d for d in devices if device_slice(d).get("kind") != "cpu"]

@@ -1,5 +1,6 @@
 rule deploy:
-    """Run a plan: one process per stage (torchrun locally, srun under SLURM), measured per phase."""
+    """Run a plan: one process per stage (torchrun locally; under the SLURM executor one SLURM job of its own,
+    heterogeneous where the plan needs it, submitted and waited for from here), measured per phase."""
     input:
         plan=str(paths.plan_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
         manifests=lambda wc: quant_manifests(wc.model),
@@ -8,24 +9,24 @@ rule deploy:
         str(paths.run_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}")),
     params:
         cli=llmpq("deploy"),
-        config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload).raw[k]
-                           for k in ("devices", "workload", "kernels")},
+        config=lambda wc: {"devices": without_slurm(experiment(wc.model, wc.cluster, wc.workload).raw["devices"]),
+                           "workload": experiment(wc.model, wc.cluster, wc.workload).raw["workload"],
+                           "kernels": experiment(wc.model, wc.cluster, wc.workload).raw["kernels"]},
         deploy=config["deploy"],
     log:
         "logs/deploy/{model}/{cluster}/{workload}/{solver}.log",
     benchmark:
         "logs/benchmarks/deploy/{model}/{cluster}/{workload}/{solver}.tsv"
-    threads: workflow.cores
+    # all cores locally, so that nothing disturbs the stages' clocks; one under SLURM, where it only waits
+    threads: lambda wc: 1 if plan_launcher() == "sbatch" else workflow.cores
+    # Stays on the submitting host under the SLURM executor: the plugin builds no heterogeneous jobs, so the
+    # verb submits the plan's job itself (sbatch, polled until it ends) and streams its output into the log.
+    localrule: True
     resources:
-        tasks=lambda wc, input: len(plan_devices(input.plan)),
-        cpus_per_task=lambda wc, input: stage_cpus(input.plan),
-        # the SLURM plugin refuses an MPI job of one task (and then hangs): a one-stage plan runs in-process
-        mpi=lambda wc, input: "srun" if len(plan_devices(input.plan)) > 1 else "",
-        gpu=lambda wc, input: deploy_gpu_request(input.plan)["gpu"],
-        gpu_model=lambda wc, input: deploy_gpu_request(input.plan)["gpu_model"],
-        gres=lambda wc, input: deploy_gpu_request(input.plan)["gres"],
+        launcher=lambda wc: plan_launcher(),
+        slurm_job=lambda wc, input: plan_slurm_job(input.plan, "deploy"),
     conda:
         "../../envs/llmpq.yaml"
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "plan={input.plan} out={output} > {log} 2>&1"
+        "deploy.launcher={resources.launcher} plan={input.plan} out={output} > {log} 2>&1"

@@ -14,7 +14,9 @@ rule generate:
         runs=str(paths.output_path(RESULTS, "{model}", "{cluster}", "{workload}", "{solver}").with_suffix(".runs.parquet")),
     params:
         cli=llmpq("generate"),
-        config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload).raw[k] for k in ("devices", "workload")},
+        config=lambda wc: {"devices": without_slurm(experiment(wc.model, wc.cluster, wc.workload).raw["devices"]),
+                           "workload": experiment(wc.model, wc.cluster, wc.workload).raw["workload"],
+                           "kernels": experiment(wc.model, wc.cluster, wc.workload).raw["kernels"]},
         prompts_sha256=lambda wc: prompts_sha256(wc.model, wc.cluster, wc.workload),
         generate=config["generate"],
     log:
@@ -26,9 +28,9 @@ rule generate:
         tasks=lambda wc, input: len(plan_devices(input.plan)),
         cpus_per_task=lambda wc, input: stage_cpus(input.plan),
         mpi=lambda wc, input: "srun" if len(plan_devices(input.plan)) > 1 else "",
-        gpu=lambda wc, input: deploy_gpu_request(input.plan)["gpu"],
-        gpu_model=lambda wc, input: deploy_gpu_request(input.plan)["gpu_model"],
-        gres=lambda wc, input: deploy_gpu_request(input.plan)["gres"],
+        gpu=lambda wc, input: generate_gpu_request(input.plan)["gpu"],
+        gpu_model=lambda wc, input: generate_gpu_request(input.plan)["gpu_model"],
+        gres=lambda wc, input: generate_gpu_request(input.plan)["gres"],
     conda:
         "../../envs/llmpq.yaml"
     shell:

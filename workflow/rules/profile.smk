@@ -21,6 +21,8 @@ rule profile:
         gpu=lambda wc: gpu_request(wc.device)["gpu"],
         gpu_model=lambda wc: gpu_request(wc.device)["gpu_model"],
         gres=lambda wc: gpu_request(wc.device)["gres"],
+        slurm_partition=lambda wc: gpu_request(wc.device)["slurm_partition"],
+        constraint=lambda wc: gpu_request(wc.device)["constraint"],
     conda:
         "../../envs/llmpq.yaml"
     shell:
