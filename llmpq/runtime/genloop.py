@@ -47,8 +47,8 @@ class GenerateRing(Ring):
         """Receive a step's prefill hidden states (bytes) from the previous stage."""
         return self._post((nbytes,), torch.uint8, self.rank - 1, tag, self.payloads)
 
-    def send_payload(self, payload: torch.Tensor, tag: int) -> None:
-        self._send(payload, self.rank + 1, tag, self.payloads)
+    def send_payload(self, payload: torch.Tensor, tag: int, phase: str) -> None:
+        self._send(payload, self.rank + 1, tag, self.payloads, phase)
 
 
 def window_size(batch: int, b_p: int, b_d: int) -> int:
@@ -88,9 +88,10 @@ class GenerateLoop:
     def _send_step(self, kind: int, index: int, layout: RowLayout | None, hidden: torch.Tensor | None) -> None:
         assert self.ring is not None
         message, payload = self.wire.encode(kind, index, layout, hidden, self.model.device)
-        self.ring.send_hidden(message, index)
+        phase = PHASE_OF.get(kind, "decode")  # a stop message's (rare) wait counts as decode
+        self.ring.send_hidden(message, index, phase)
         if payload is not None:
-            self.ring.send_payload(payload, index)
+            self.ring.send_payload(payload, index, phase)
 
     def _send_stops(self, first_index: int) -> None:
         for index in range(first_index, first_index + self.window):
@@ -151,7 +152,7 @@ class GenerateLoop:
             out, ids = self.compute(phase, header.layout, hidden)
             if model.last:
                 assert ids is not None
-                ring.send_tokens(ids, index)
+                ring.send_tokens(ids, index, phase)
             else:
                 self._send_step(header.kind, index, header.layout, out)
         ring.drain("decode")
