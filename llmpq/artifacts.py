@@ -63,6 +63,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("rss_bytes", pa.int64()), ("planned_memory_bytes", pa.int64()), ("capacity_bytes", pa.int64()),
         ("kernels", pa.string()),  # the stage's weight kernels, "bits:kernel" joined by "," (highest bits first)
         ("rss_growth_bytes", pa.int64()),  # peak RSS over the RSS just before the stage loaded anything (CPU)
+        ("wall_ms_min", pa.float64()), ("wall_ms_max", pa.float64()), ("repeats", pa.int32()),  # over repetitions
+        ("stage_wall_ms", pa.float64()),  # the stage's own phase time (compute + wait)
+        ("device_used_bytes", pa.int64()),  # GPU: growth of the device's used memory (mem_get_info)
+        ("reference_ms", pa.float64()), ("load_factor", pa.float64()),  # idle reference; / the profile's
     ]),
     # generate_runs: one row per finished `llmpq generate` run (a resumed job adds a row per run); counts
     # are this run's, tokens_per_s = generated_tokens / wall_s, predicted from the plan (llmpq.generate.run)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..artifacts import write_text
+from ..config.identity import GpuIdentity
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class StageSpec:
     cap_bytes: int | None       # a CPU device's memory_cap_gib, enforced before loading
     cuda_index: int | None = None
     kernels: tuple[tuple[int, str], ...] = ()   # (bits, weight kernel) from the plan
+    name_pattern: str | None = None     # a GPU's identity: name pattern and memory (`llmpq.config.identity`)
+    memory_gib: float | None = None
+    reference_ms: float | None = None   # the device profile's idle reference timing (`llmpq.profile.reference`)
+
+    @property
+    def identity(self) -> GpuIdentity | None:
+        """What the stage's GPU must be (None on a CPU)."""
+        if self.kind == "cpu":
+            return None
+        return GpuIdentity(self.device, self.device_name, self.name_pattern, float(self.memory_gib or 0.0))
 
     @property
     def kernel_map(self) -> dict[int, str]:
@@ -73,6 +84,8 @@ class RunJob:
     verify: bool = True
     warmup: bool = True
     kernel_needs: tuple[KernelNeeds, ...] = ()
+    dtype: str = "float32"      # compute dtype of every stage (`llmpq.config.dtypes`)
+    repeats: int = 3            # timed runs of the whole schedule (prefill and decode), after the warm-up
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,66 @@
+"""An idle reference timing: one fixed piece of work, timed where a profile is taken and again where a plan runs.
+
+The profile records its median (`reference_ms` in the profile table's metadata); every deploy stage times the
+same work on the same threads just before its schedule. Their ratio, the run's load factor, says whether the
+run's machine was as quiet as the profile's: timings taken under a load factor above `LOADED_FACTOR` are
+reported as taken on a loaded machine, and a ranking of plans from them is withheld (`llmpq evaluate`).
+
+The work: `REFERENCE_CALLS` products of a `REFERENCE_SIZE`² matrix in the device's compute dtype (on a CPU in
+float32, a few ms on one core; on a GPU the product is larger so that it is not launch-bound), median of
+`REFERENCE_REPEATS` timings (CUDA events on a GPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+REFERENCE_SIZE = {"cpu": 128, "cuda": 2048}
+REFERENCE_CALLS = 20
+REFERENCE_REPEATS = 7
+LOADED_FACTOR = 1.25   # a run whose reference took 25% longer than the profile's ran on a loaded machine
+
+
+def reference_ms(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Median time of the reference work on `device` (ms), on the calling thread's torch threads."""
+    size = REFERENCE_SIZE["cuda" if device.type == "cuda" else "cpu"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for r in range(REFERENCE_REPEATS + 1):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                _work(a)
+                end.record()
+                torch.cuda.synchronize(device)
+                elapsed = float(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                _work(a)
+                elapsed = (time.perf_counter() - begin) * 1e3
+            if r:  # the first call warms up
+                times.append(elapsed)
+    return statistics.median(times)
+
+
+def _work(a: torch.Tensor) -> None:
+    x = a
+    for _ in range(REFERENCE_CALLS):
+        x = torch.tanh(a @ x)
+
+
+def load_factor(measured_ms: float | None, profiled_ms: float | None) -> float:
+    """measured / profiled reference time; NaN where either is missing."""
+    if not measured_ms or not profiled_ms:
+        return float("nan")
+    return measured_ms / profiled_ms
+
+
+def is_loaded(factor: float) -> bool:
+    """Whether a load factor says the machine was busier than when it was profiled (NaN: unknown, not loaded)."""
+    return factor == factor and factor > LOADED_FACTOR
