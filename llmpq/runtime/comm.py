@@ -131,10 +131,11 @@ class Ring:
         self.forward, self.back = self.groups["forward"], self.groups["back"]
         self._sends: deque[tuple[Any, torch.Tensor]] = deque()
 
-    def connect(self) -> None:
-        """This rank's start-up exchanges, in the global order (module docstring); each wait bounded by the timeout."""
+    def connect(self, exchanges: Sequence[Exchange] | None = None) -> None:
+        """This rank's start-up exchanges, in the global order (module docstring; `exchanges` replaces that order, for
+        tests of what another order would do); each wait bounded by the timeout."""
         buffer = torch.zeros(1, dtype=torch.long, device=self.device)
-        for ex in startup_exchanges(self.world, self.LINKS):
+        for ex in startup_exchanges(self.world, self.LINKS) if exchanges is None else exchanges:
             if self.rank not in (ex.a, ex.b):
                 continue
             group, peer = self.groups[ex.group], ex.b if self.rank == ex.a else ex.a

@@ -44,16 +44,19 @@ class Lap:
 class StageClock:
     """Accumulates `PhaseStats` per phase for one stage process.
 
-    Every moment of a phase is either compute or wait: a `compute` block covers a whole step (embedding, layers,
-    head, sampling, posting and starting messages), and a `wait` inside it (a send held back by its peer) is
-    taken out of its compute time. On a GPU the clocks synchronise before they are read: a compute block with
-    the device (device time, not launch time), a wait with the current stream (the transfer, not its launch),
-    a phase's wall clock with the device (the drain), so compute + wait add up to the phase's wall time.
+    Inside a phase every moment is either wait or compute: a `wait` block is the time blocked on a peer; all
+    the rest is the stage's own work (its steps, sampling, posting and starting messages, the loop between
+    them), counted as compute from the end of the previous block, so compute + wait = the phase's wall time.
+    A wait inside a compute block (a send held back by its peer) is taken out of that block. On a GPU the
+    clocks synchronise before they are read: a compute block with the device (device time, not launch time),
+    a wait with the current stream (the transfer, not its launch), a phase's wall clock with the device (the
+    drain).
     """
 
     device: torch.device
     phases: dict[str, PhaseStats] = field(default_factory=lambda: {p: PhaseStats() for p in PHASES})
-    _nested_ms: float | None = field(default=None, repr=False)
+    _nested_ms: float | None = field(default=None, repr=False)   # waits inside the open compute block
+    _mark: float | None = field(default=None, repr=False)        # end of the last block of the open phase
 
     def sync(self) -> None:
         """Wait for everything queued on the device (GPU only)."""
@@ -66,6 +69,7 @@ class StageClock:
 
     @contextmanager
     def compute(self, phase: str) -> Iterator[None]:
+        """One step of the stage's own work (counted in `steps`)."""
         start, outer = time.perf_counter(), self._nested_ms
         self._nested_ms = 0.0
         try:
@@ -73,8 +77,11 @@ class StageClock:
             self.sync()
         finally:
             nested, self._nested_ms = self._nested_ms, outer
-        self.phases[phase].compute_ms += (time.perf_counter() - start) * 1e3 - nested
+        end = time.perf_counter()
+        begin = self._mark if self._mark is not None else start
+        self.phases[phase].compute_ms += (end - begin) * 1e3 - nested
         self.phases[phase].steps += 1
+        self._mark = end if self._mark is not None else None
 
     @contextmanager
     def wait(self, phase: str | None) -> Iterator[Lap]:
@@ -82,11 +89,15 @@ class StageClock:
         lap, start = Lap(), time.perf_counter()
         yield lap
         self._sync_stream()
-        lap.ms = (time.perf_counter() - start) * 1e3
+        end = time.perf_counter()
+        lap.ms = (end - start) * 1e3
         if phase is not None:
             self.phases[phase].wait_ms += lap.ms
         if self._nested_ms is not None:
             self._nested_ms += lap.ms
+        elif self._mark is not None and phase is not None:
+            self.phases[phase].compute_ms += (start - self._mark) * 1e3
+            self._mark = end
 
     def add_wait(self, phase: str, ms: float) -> None:
         """Count a wait timed before its phase was known."""
@@ -94,10 +105,15 @@ class StageClock:
 
     @contextmanager
     def phase(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.phases[phase].wall_ms = (time.perf_counter() - start) * 1e3
+        start = self._mark = time.perf_counter()
+        try:
+            yield
+            self.sync()
+            end = time.perf_counter()
+            self.phases[phase].compute_ms += (end - self._mark) * 1e3
+            self.phases[phase].wall_ms = (end - start) * 1e3
+        finally:
+            self._mark = None
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {p: asdict(s) for p, s in self.phases.items()}

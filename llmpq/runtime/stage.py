@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import traceback
 from dataclasses import asdict, dataclass
@@ -65,7 +64,7 @@ def placement_from_env(env: Mapping[str, str] | None = None) -> Placement:
 class StageReport:
     """What one stage measured, and its outputs (tokens from the first stage, logits from the last).
 
-    `phases`: the median over the repetitions of each phase's figures; `repetitions`: each repetition's
+    `phases`: each phase's figures from its median repetition (`median_phases`); `repetitions`: each repetition's
     (`StageClock.to_dict`); `reference_ms`: the idle reference timing taken just before the schedule."""
 
     rank: int
@@ -88,9 +87,13 @@ class StageReport:
 
 
 def median_phases(repetitions: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """Each phase's figures, the median over repetitions (figure by figure)."""
-    return {phase: {key: float(statistics.median(r[phase][key] for r in repetitions)) for key in repetitions[0][phase]}
-            for phase in repetitions[0]}
+    """Each phase's figures from its median repetition (by the phase's wall time; the lower one of an even count),
+    so that compute, wait and wall stay one repetition's."""
+    out = {}
+    for phase in repetitions[0]:
+        ranked = sorted(repetitions, key=lambda r: r[phase]["wall_ms"])
+        out[phase] = {k: float(v) for k, v in ranked[(len(ranked) - 1) // 2][phase].items()}
+    return out
 
 
 def torch_dtype(name: str) -> torch.dtype:
