@@ -23,7 +23,8 @@ from . import __version__
 SCHEMAS: dict[str, pa.Schema] = {
     # profile: one row per timed point of one component on one device type
     "profile": pa.schema([
-        ("device", pa.string()), ("model", pa.string()), ("component", pa.string()),  # layer | embed | head
+        # layer | embed | head | layer_hot | layer_idle | loop (per-step overheads, llmpq.profile.stage_loop)
+        ("device", pa.string()), ("model", pa.string()), ("component", pa.string()),
         ("bits", pa.int16()), ("kernel", pa.string()),  # the weight kernel timed (conf/kernels.yaml); fp16 at 16 bits
         ("phase", pa.string()),  # prefill | decode
         ("batch", pa.int32()), ("q_tokens", pa.int32()), ("context_len", pa.int32()),
@@ -34,6 +35,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "links": pa.schema([
         ("cluster", pa.string()), ("link", pa.string()), ("payload_bytes", pa.int64()),
         ("latency_ms", pa.float64()), ("repeats", pa.int32()),
+        ("load", pa.string()),  # idle (ping-pong) | busy (both ranks computing between messages, as stages do)
     ]),
     # quant_manifest: one row per (layer, bits) file of the per-layer quantized store
     "quant_manifest": pa.schema([

@@ -10,6 +10,8 @@ rule profile:
         model=lambda wc: model_slice(wc.model),
         grid=config["profile"],
         kernels=kernel_table(),
+        measures="layer grid, per-step overheads (loop, after-idle), idle reference",  # what the table holds
+        dtype=lambda wc: experiment(wc.model, "local-cpu").model.dtype,
     wildcard_constraints:
         device=r"(?!links/)[^/]+",
     log:
@@ -34,6 +36,7 @@ rule profile_links:
     params:
         cli=llmpq("profile-links"),
         links=lambda wc: experiment(model_of_cluster(wc.cluster), wc.cluster).raw["cluster"],
+        measures="idle ping-pong and busy exchange per payload",  # what the table holds
     log:
         "logs/profile_links/{cluster}.log",
     threads: workflow.cores
