@@ -2,8 +2,16 @@
 speed against HF `generate`.
 
 - `prefill_rel_error`, `decode_rel_error`: (measured − predicted) / predicted of the pipeline's phase wall
-  times (median of `--repeats` deploys) for the solver's plan of the default experiment (tiny-opt,
-  local-cpu, s64-n16-b8), one process per stage; per-stage compute and wait times under `stages`.
+  times (median over `--deploys` deploys of `--repeats` runs each, the medians of each deploy's runs) for the
+  solver's plan of the default experiment (tiny-opt, local-cpu, s64-n16-b8), one process per stage; per-stage
+  compute and wait times under `stages`. Deploys of the two plans alternate, so load from other processes
+  falls on both alike.
+- `memory_rel_error`: per stage, (measured peak − predicted) / predicted, the stage's RSS growth against the
+  memory model's total for the stage (`stage_memory`, the device reserve aside).
+- `load_factor`: the largest of the runs' idle reference timings over their profiles' (`llmpq.profile.load`);
+  `loaded` when it passes the threshold: the timings were taken on a loaded machine.
+- `overheads`: the cost model's per-step terms from the profiles (after-idle factor, loop cost per step) and
+  the link fits (idle and busy) that the prediction used.
 - `speedup_vs_hf_generate`: tokens/s of a one-stage 16-bit plan (one device's threads, b_p = b_d = B)
   over HF `generate` (greedy, the same prompts, n tokens, no EOS stop, the same threads); both medians.
   The one-stage plan's own prediction errors are under `one_stage` (no pipeline, no messages).
@@ -34,6 +42,7 @@ from llmpq.costmodel.context import build_context
 from llmpq.costmodel.estimate import StageAssignment, estimate
 from llmpq.costmodel.pipeline import PhaseTimes, decode_ms, micro_batches, prefill_ms
 from llmpq.models.source import model_dir
+from llmpq.profile.load import is_loaded
 from llmpq.runtime.launch import DeployOptions, DeployResult, deploy
 from llmpq.solve.plan import Plan, StageMemoryPlan, StagePlan, read_plan, to_json
 
@@ -53,8 +62,15 @@ def rel_error(measured: float, predicted: float) -> float:
     return (measured - predicted) / predicted
 
 
-def repeat_deploy(exp: Experiment, plan_path: Path, results: Path, repeats: int, work: Path) -> list[DeployResult]:
-    return [deploy(exp, plan_path, work / f"run{r}.parquet", DeployOptions(seed=0), results) for r in range(repeats)]
+def alternate_deploys(exp: Experiment, plan_paths: list[Path], results: Path, deploys: int, repeats: int,
+                      work: Path) -> list[list[DeployResult]]:
+    """`deploys` deploys of each plan, alternating between the plans; each runs the schedule `repeats` times."""
+    runs: list[list[DeployResult]] = [[] for _ in plan_paths]
+    for d in range(deploys):
+        for k, plan_path in enumerate(plan_paths):
+            runs[k].append(deploy(exp, plan_path, work / f"plan{k}-run{d}.parquet",
+                                  DeployOptions(seed=0, repeats=repeats), results))
+    return runs
 
 
 def phase_medians(runs: list[DeployResult]) -> dict[str, float]:
@@ -74,6 +90,33 @@ def stage_table(runs: list[DeployResult]) -> list[dict]:
                     "compute_rel_error": rel_error(statistics.median(r["compute_ms"] for r in pick),
                                                    row["predicted_compute_ms"])})
     return out
+
+
+def memory_errors(runs: list[DeployResult], exp: Experiment) -> list[dict]:
+    """Per stage: the measured peak (RSS growth on a CPU) against the planned total less the device's reserve."""
+    out = []
+    for row in (r for r in runs[0].rows if r["phase"] == "prefill"):
+        measured = statistics.median(next(r["peak_memory_bytes"] for r in run.rows
+                                          if r["stage"] == row["stage"] and r["phase"] == "prefill") for run in runs)
+        predicted = row["planned_memory_bytes"] - exp.devices[row["device"]].reserve_bytes
+        out.append({"stage": row["stage"], "device": row["device"], "measured_peak_bytes": int(measured),
+                    "predicted_bytes": int(predicted), "memory_rel_error": rel_error(measured, predicted)})
+    return out
+
+
+def overheads(exp: Experiment, results: Path) -> dict:
+    """The per-step terms and link fits the cost model used (from the profiles)."""
+    from llmpq.costmodel.context import read_links
+
+    ctx = build_context(exp, results)
+    devices = {stem: {"source": ctx.latency.overhead_source(stem),
+                      "after_idle": {p: ctx.latency.after_idle(stem, p) for p in ("prefill", "decode")},
+                      "loop_ms_b1": {p: ctx.latency.loop_ms(stem, p, 1) for p in ("prefill", "decode")}}
+               for stem in exp.cluster.device_stems()}
+    links_file = paths.links_path(results, exp.cluster.name)
+    links = {load: {k: vars(v) for k, v in read_links(links_file, load).items()} for load in ("idle", "busy")} \
+        if links_file.is_file() else {}
+    return {"devices": devices, "links": links}
 
 
 def replay(exp: Experiment, results: Path, plan: Plan, runs: list[DeployResult]) -> dict[str, float]:
@@ -141,7 +184,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--solver", default="llmpq")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--deploys", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
@@ -152,23 +196,28 @@ def main() -> int:
     plan = read_plan(plan_path)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        runs = repeat_deploy(exp, plan_path, results, args.repeats, work)
-        measured = phase_medians(runs)
         device = plan.stages[0].device
         single = one_stage_plan(exp, results, device)
         (work / "one-stage.json").write_text(to_json(single))
-        single_runs = repeat_deploy(exp, work / "one-stage.json", results, args.repeats, work)
+        runs, single_runs = alternate_deploys(exp, [plan_path, work / "one-stage.json"], results, args.deploys,
+                                              args.repeats, work)
+        measured = phase_medians(runs)
     single_measured = phase_medians(single_runs)
+    factors = [r["load_factor"] for run in runs + single_runs for r in run.rows if r["load_factor"] == r["load_factor"]]
+    load = max(factors) if factors else float("nan")
     runtime_tok_s = statistics.median(run.rows[0]["throughput_tok_s"] for run in single_runs)
     threads = exp.devices[device].threads or 1
     hf_tok_s, hf_tokens = hf_generate(model_dir(exp.model), single_runs[0].sidecar["prompts"], exp.workload.gen_len,
-                                      threads, args.repeats)
+                                      threads, args.deploys * args.repeats)
     if hf_tokens != single_runs[0].sidecar["tokens"]:
         raise RuntimeError("the one-stage 16-bit plan and HF generate produced different tokens")
     record = {
         "prefill_rel_error": rel_error(measured["prefill"], plan.prefill_s * 1e3),
         "decode_rel_error": rel_error(measured["decode"], plan.decode_s * 1e3),
         "speedup_vs_hf_generate": runtime_tok_s / hf_tok_s,
+        "memory_rel_error": memory_errors(runs, exp),
+        "load_factor": load, "loaded": is_loaded(load),
+        "overheads": overheads(exp, results),
         "plan": {"path": str(plan_path), "method": plan.method, "latency_source": plan.latency_source,
                  "stages": [{"device": s.device, "layers": [s.start, s.end], "bits": list(s.bits)}
                             for s in plan.stages],
@@ -185,7 +234,7 @@ def main() -> int:
                       "stages": stage_table(single_runs), "tok_s": runtime_tok_s, "hf_generate_tok_s": hf_tok_s},
         "workload": {"batch": exp.workload.batch, "prompt_len": exp.workload.prompt_len,
                      "gen_len": exp.workload.gen_len},
-        "repeats": args.repeats, "threads": threads, "host_cores": os.cpu_count(), "python": platform.python_version(),
+        "deploys": args.deploys, "repeats": args.repeats, "threads": threads, "host_cores": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +243,9 @@ def main() -> int:
           f"{plan.prefill_s * 1e3:.1f} ({100 * record['prefill_rel_error']:+.0f}%), decode {measured['decode']:.1f} ms "
           f"vs {plan.decode_s * 1e3:.1f} ({100 * record['decode_rel_error']:+.0f}%); "
           f"one stage {runtime_tok_s:.0f} tok/s "
-          f"vs HF generate {hf_tok_s:.0f} tok/s (x{record['speedup_vs_hf_generate']:.2f}) -> {args.out}")
+          f"vs HF generate {hf_tok_s:.0f} tok/s (x{record['speedup_vs_hf_generate']:.2f}); memory "
+          + ", ".join(f"{100 * m['memory_rel_error']:+.0f}%" for m in record["memory_rel_error"])
+          + f"; load factor {load:.2f}{' (LOADED: timings not trustworthy)' if is_loaded(load) else ''} -> {args.out}")
     return 0
 
 

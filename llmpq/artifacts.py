@@ -90,6 +90,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         # the batch job on the workload's prompts file (llmpq generate), NaN where it has not run
         ("generate_tok_s", pa.float64()), ("generate_predicted_tok_s", pa.float64()),
         ("generate_rel_error", pa.float64()),
+        # spread over the deploy's repeated runs, the largest load factor, and how the method compares (evaluate)
+        ("measured_tok_s_min", pa.float64()), ("measured_tok_s_max", pa.float64()), ("repeats", pa.int32()),
+        ("load_factor", pa.float64()), ("within_noise", pa.bool_()), ("identical_to", pa.string()),
+        ("comparison", pa.string()),
     ]),
     # eval_stages: per method and stage, memory the plan predicted and the run measured against capacity
     "eval_stages": pa.schema([

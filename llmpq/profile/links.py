@@ -29,6 +29,7 @@ from llmpq import paths
 from llmpq.artifacts import provenance, write_table
 from llmpq.config import ClusterSpec, DeviceSpec
 from llmpq.config.compose import config_hash
+from llmpq.profile.load import load_average
 
 PAYLOAD_BYTES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
 LOADS = ("idle", "busy")
@@ -200,7 +201,8 @@ def profile_links_to(out: Path, cluster: ClusterSpec, devices: Mapping[str, Devi
                          "latency_ms": p.latency_ms, "repeats": p.repeats, "load": p.load})
     settings = {"payload_bytes": list(payloads), "repeats": repeats, "backend": backend or "none", "why": why,
                 "busy_ms": BUSY_MS}
-    meta = provenance(config_hash({"cluster": cluster.name, **settings}), device=backend or "none", **settings)
+    meta = provenance(config_hash({"cluster": cluster.name, **settings}), device=backend or "none", **settings,
+                      **load_average())
     return write_table("links", rows, out, meta)
 
 

@@ -2,8 +2,7 @@
 
 The profile records its median (`reference_ms` in the profile table's metadata); every deploy stage times the
 same work on the same threads just before its schedule. Their ratio, the run's load factor, says whether the
-run's machine was as quiet as the profile's: timings taken under a load factor above `LOADED_FACTOR` are
-reported as taken on a loaded machine, and a ranking of plans from them is withheld (`llmpq evaluate`).
+run's machine was as quiet as the profile's (`llmpq.profile.load`).
 
 The work: `REFERENCE_CALLS` products of a `REFERENCE_SIZE`² matrix in the device's compute dtype (on a CPU in
 float32, a few ms on one core; on a GPU the product is larger so that it is not launch-bound), median of
@@ -20,7 +19,6 @@ import torch
 REFERENCE_SIZE = {"cpu": 128, "cuda": 2048}
 REFERENCE_CALLS = 20
 REFERENCE_REPEATS = 7
-LOADED_FACTOR = 1.25   # a run whose reference took 25% longer than the profile's ran on a loaded machine
 
 
 def reference_ms(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
@@ -52,15 +50,3 @@ def _work(a: torch.Tensor) -> None:
     x = a
     for _ in range(REFERENCE_CALLS):
         x = torch.tanh(a @ x)
-
-
-def load_factor(measured_ms: float | None, profiled_ms: float | None) -> float:
-    """measured / profiled reference time; NaN where either is missing."""
-    if not measured_ms or not profiled_ms:
-        return float("nan")
-    return measured_ms / profiled_ms
-
-
-def is_loaded(factor: float) -> bool:
-    """Whether a load factor says the machine was busier than when it was profiled (NaN: unknown, not loaded)."""
-    return factor == factor and factor > LOADED_FACTOR

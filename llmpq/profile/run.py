@@ -44,6 +44,7 @@ from llmpq.models.shape import ModelShape, shape_from_config
 from ..config.dtypes import device_dtype
 from ..config.identity import device_mismatch
 from ..runtime.stage import found_gpu, torch_dtype
+from .load import load_average
 from .reference import reference_ms
 from .stage_loop import hot_and_idle, loop_points
 from .timing import build_parts, embed_call, head_call, layer_call, measure_interleaved, quantize_randomly, torch_threads
@@ -205,8 +206,9 @@ def profile_to(out: Path, hf_config: Mapping[str, Any], model: str, device: Devi
         reference = reference_ms(torch_device(device), torch_dtype(compute) if device.kind != "cpu" else torch.float32)
     settings = {"grid": asdict(grid), "quant": asdict(quant), "threads": device.threads,
                 "dtype_bytes": dtype_bytes(device), "dtype": compute, "quant_module": QUANT_MODULE,
-                "reference_ms": reference}
-    meta = provenance(config_hash({"device": asdict(device), "model": dict(hf_config), **settings}),
+                "reference_ms": reference, **load_average()}
+    timed = {k: v for k, v in settings.items() if k not in ("reference_ms", "load_average", "cores")}
+    meta = provenance(config_hash({"device": asdict(device), "model": dict(hf_config), **timed}),
                       device=device.stem, **settings)
     return write_table("profile", rows, out, meta)
 

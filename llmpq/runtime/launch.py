@@ -35,6 +35,7 @@ from ..artifacts import provenance, read_meta, write_table
 from ..config.identity import FoundDevice, identity_mismatch
 from ..config import Experiment
 from ..generate.planning import planning_experiment
+from ..profile.load import load_average
 from ..solve.plan import Plan, read_plan
 from .caps import DeviceMismatch, StageRefusal, check_caps, planned_memory
 from .job import RunJob, StageSpec
@@ -326,6 +327,7 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
     specs = stage_specs(exp, plan, shape, Path(results))
     check_caps(specs)
     _remove_outputs(out)
+    started_load = load_average()
     mode = launch_mode(len(specs), options, os.environ)
     if mode == "torchrun":
         specs = [StageSpec(**{**vars(s), "cuda_index": i}) for s, i in zip(specs, cuda_assignment(specs))]
@@ -340,7 +342,7 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
     rows, data = run_rows(job, plan, reports), sidecar(job, reports)
     write_sidecar(data, out)
     meta = provenance(exp.config_hash, device=",".join(s.device for s in specs), plan=str(plan_path), launcher=mode,
-                      options=vars(options))
+                      options=vars(options), **started_load)
     write_table("runs", rows, out, meta)
     return DeployResult(out, rows, data)
 

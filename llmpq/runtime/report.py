@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..profile.reference import load_factor
+from ..profile.load import load_factor
 from ..solve.plan import Plan
 from .job import RunJob
 from .measure import PHASES
