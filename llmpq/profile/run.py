@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -123,20 +123,21 @@ def torch_device(device: DeviceSpec) -> torch.device:
 
 def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, quant: QuantSpec, grid: ProfileGrid,
                  bits: Sequence[int] | None = None, progress: bool = True,
-                 kernels: KernelTable | None = None, dtype: str = "auto") -> list[dict[str, Any]]:
-    """Time every grid point of the layer (per bit-width and kernel of the device's menu), the embedding and the
-    head, and the stage's per-step overheads (`llmpq.profile.stage_loop`): rows of the `profile` table. `dtype`:
-    the model config's (`llmpq.config.dtypes`)."""
+                 kernels: KernelTable | None = None, dtype: str = "auto", only_kernels: Collection[str] | None = None,
+                 layers_only: bool = False) -> list[dict[str, Any]]:
+    """Time every grid point of the layer (per bit-width and kernel of the device's menu, or of `only_kernels`),
+    the embedding and the head, and the stage's per-step overheads (`llmpq.profile.stage_loop`): rows of the
+    `profile` table. `dtype`: the model config's (`llmpq.config.dtypes`); `layers_only`: the layer alone."""
     shape = shape_from_config(hf_config)
     grid = grid.capped(shape.max_positions)
     menu = kernel_menu(kernels or default_kernel_table(), device, quant, shape)
     bits = tuple(b for b in (bits if bits is not None else device.bits) if b in menu)
-    timed = [(b, k) for b in bits for k in menu[b]]
+    timed = [(b, k) for b in bits for k in menu[b] if only_kernels is None or k in only_kernels]
     dev, dtype = torch_device(device), torch_dtype(device_dtype(dtype, hf_config, device))
     # A CPU device's memory is a planning cap on a slice of this machine, not a physical limit: time everything.
     physical = device.kind != "cpu"
     with_layer = not physical or layer_fits(shape, device, quant, grid)
-    with_ends = not physical or ends_fit(shape, device, grid)
+    with_ends = not layers_only and (not physical or ends_fit(shape, device, grid))
     if not with_layer:
         print(f"llmpq profile: one {model} layer does not fit {device.stem}; its latency will use the roofline",
               file=sys.stderr)

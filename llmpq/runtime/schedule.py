@@ -51,6 +51,19 @@ def micro_batches(batch: int, size: int) -> list[range]:
     return [range(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
+def prime_stage(model: StageModel, device: torch.device, dtype: torch.dtype) -> None:
+    """One prefill and one decode step of `model` over a one-sequence cache, untimed: the first call of every code
+    path a step takes (the family's layer, each weight kernel, embedding and head) imports and caches what it
+    needs. A CPU stage runs this on a throwaway copy of its first layers before noting its RSS, so that its RSS
+    growth is the stage's data, not the libraries' one-time allocations."""
+    from .kvcache import StageKVCache, cache_shape
+
+    cache = StageKVCache(cache_shape(model.config, model.start, len(model.layers), 1, 4), dtype, device)
+    runner = StageRunner(model, cache, StageClock(device), 1, 2)
+    for step in plan_steps(1, 2, 2, 1, 1):
+        runner._compute(step, runner._dummy_input(step))
+
+
 def plan_steps(batch: int, prompt_len: int, gen_len: int, b_p: int, b_d: int) -> tuple[Step, ...]:
     """The whole schedule: K_p prefill steps, then n − 1 rounds of K_d decode steps."""
     steps = [Step(i, "prefill", 0, rows, 0, prompt_len) for i, rows in enumerate(micro_batches(batch, b_p))]

@@ -5,14 +5,16 @@ The same entry point under torchrun (rank and world from RANK / WORLD_SIZE / LOC
 runs stage j of the job: before loading anything it checks its device's memory cap, that its GPU is the
 planned type (name pattern and memory) and that its device can run the plan's weight kernels; joins the
 process group and creates its ring links in the global start-up order (`Ring.connect`); notes its memory
-baseline, loads only its layers (each quantized bit-width on the plan's kernel, in the job's dtype, and the
-embedding or head where it is first or last), times the idle reference, runs the schedule `repeats` times
-while its memory is sampled, and writes its report (medians and every repetition) beside the job. Any error ends the process non-zero; its peers then fail on the broken connection or
+baseline (on a CPU after a throwaway step of its first layer, `prime_stage`, and after the idle reference
+timing), loads only its layers (each quantized bit-width on the plan's kernel, in the job's dtype, and the
+embedding or head where it is first or last), runs the schedule `repeats` times while its memory is sampled,
+and writes its report (medians and every repetition) beside the job. Any error ends the process non-zero; its peers then fail on the broken connection or
 time out, and the launcher (torchrun, or srun --kill-on-bad-exit) stops the rest.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -37,7 +39,7 @@ from .kvcache import StageKVCache, cache_shape
 from .measure import StageClock, StageMemorySampler, prime_math_libraries, return_freed_memory
 from .parts import load_stage, prepare_stage
 from ..profile.timing import torch_threads
-from .schedule import Fault, StageRunner, plan_steps
+from .schedule import Fault, StageRunner, plan_steps, prime_stage
 
 CAP_EXIT_CODE = 3
 
@@ -153,6 +155,9 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
                                   {k for _, k in spec.kernels}, job.verify)
         if device.type == "cpu":
             prime_math_libraries(dtype)
+            prime_stage(_first_layers(job, spec, device, dtype, manifests), device, dtype)
+            gc.collect()
+        reference = reference_ms(device, dtype if device.type == "cuda" else torch.float32)
         sampler = StageMemorySampler(device).start()
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify,
@@ -164,12 +169,24 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
         runner = StageRunner(model, cache, clock, job.batch, job.gen_len, ring, fault, job.record_logits)
         prompts = torch.tensor(job.prompts, dtype=torch.long, device=device)
         steps = plan_steps(job.batch, job.prompt_len, job.gen_len, job.micro_batch_prefill, job.micro_batch_decode)
-        reference = reference_ms(device, dtype if device.type == "cuda" else torch.float32)
         out, repetitions = runner.run(prompts, steps, job.warmup, job.repeats)
         memory = sampler.stop(model.weight_bytes(), cache.nbytes)
     return StageReport(place.rank, spec.device, platform.node(), median_phases(repetitions), asdict(memory),
                        _as_lists(out.tokens), _as_lists(out.first_logits), _as_lists(out.last_logits),
                        repetitions, reference)
+
+
+def _first_layers(job: RunJob, spec: StageSpec, device: torch.device, dtype: torch.dtype,
+                  manifests: Mapping[int, Any]) -> Any:
+    """A throwaway copy of the stage's first layer of each bit-width, with its embedding and head (`prime_stage`)."""
+    firsts = {}
+    for i, b in enumerate(spec.bits):
+        firsts.setdefault(b, spec.start + i)
+    index = min(firsts.values())
+    bits = [spec.bits[index - spec.start]]
+    return load_stage(job.model_dir, job.quant_root, job.scheme, index, bits, first=spec.first,
+                      last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=False,
+                      kernels={b: k for b, k in spec.kernels if b in firsts}, manifests=manifests)
 
 
 def _init_process_group(job: Any, place: Placement, device: torch.device) -> None:

@@ -24,7 +24,7 @@ rule profile:
         gpu_model=lambda wc: gpu_request(wc.device)["gpu_model"],
         gres=lambda wc: gpu_request(wc.device)["gres"],
     conda:
-        "../../envs/llmpq.yaml"
+        lambda wc: device_env(wc.device)
     shell:
         "{params.cli} device={wildcards.device} model={wildcards.model} out={output} > {log} 2>&1"
 
@@ -41,6 +41,7 @@ rule profile_links:
         "logs/profile_links/{cluster}.log",
     threads: workflow.cores
     conda:
-        "../../envs/llmpq.yaml"
+        lambda wc: env_for_kinds(experiment(model_of_cluster(wc.cluster), wc.cluster).devices[d].kind
+                                 for d in present_devices(wc.cluster))
     shell:
         "{params.cli} cluster={wildcards.cluster} out={output} > {log} 2>&1"
