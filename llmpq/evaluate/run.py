@@ -282,10 +282,10 @@ def _plan_perplexity(plan_file: Path, weights: Path, spec, token_ids, results: P
     from .perplexity import model_perplexity, read_plan_bits
 
     plan_bits = read_plan_bits(plan_file)
-    key = (plan_bits.bits, plan_bits.scheme)
+    key = (plan_bits.bits, plan_bits.scheme, plan_bits.dtype)
     if key not in cache:
         cache[key] = model_perplexity(weights, spec, list(plan_bits.bits), paths.quant_root(results, model),
-                                      plan_bits.scheme, token_ids=token_ids).perplexity
+                                      plan_bits.scheme, token_ids=token_ids, dtype=plan_bits.dtype).perplexity
     return cache[key]
 
 
