@@ -43,6 +43,7 @@ from llmpq.models.shape import ModelShape, shape_from_config
 
 from ..config.dtypes import device_dtype
 from ..config.identity import device_mismatch
+from ..runtime.measure import return_freed_memory
 from ..runtime.stage import found_gpu, torch_dtype
 from .load import load_average
 from .reference import reference_ms
@@ -134,6 +135,8 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
     bits = tuple(b for b in (bits if bits is not None else device.bits) if b in menu)
     timed = [(b, k) for b in bits for k in menu[b] if only_kernels is None or k in only_kernels]
     dev, dtype = torch_device(device), torch_dtype(device_dtype(dtype, hf_config, device))
+    if device.kind == "cpu":
+        return_freed_memory()  # the allocator settings of a CPU stage process (`llmpq.runtime.measure`)
     # A CPU device's memory is a planning cap on a slice of this machine, not a physical limit: time everything.
     physical = device.kind != "cpu"
     with_layer = not physical or layer_fits(shape, device, quant, grid)

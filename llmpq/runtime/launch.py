@@ -35,7 +35,7 @@ from ..artifacts import provenance, read_meta, write_table
 from ..config.identity import FoundDevice, identity_mismatch
 from ..config import Experiment
 from ..generate.planning import planning_experiment
-from ..profile.load import load_average
+from ..profile.load import is_loaded, load_average
 from ..solve.plan import Plan, read_plan
 from .caps import DeviceMismatch, StageRefusal, check_caps, planned_memory
 from .job import RunJob, StageSpec
@@ -352,9 +352,14 @@ def summary(result: DeployResult) -> str:
     by_phase = {r["phase"]: r for r in result.rows}
     p, d = by_phase["prefill"], by_phase["decode"]
     first = result.rows[0]
+    factors = [r["load_factor"] for r in result.rows if r["load_factor"] == r["load_factor"]]
+    loaded = max(factors, default=float("nan"))
+    note = (f"; machine loaded: idle reference {loaded:.2f}x the profile's, timings not comparable"
+            if is_loaded(loaded) else "")
     return (f"{result.out}: {len(result.rows) // 2} stage(s), prefill {p['wall_ms']:.1f} ms "
-            f"(predicted {p['predicted_ms']:.1f}), decode {d['wall_ms']:.1f} ms (predicted {d['predicted_ms']:.1f}), "
-            f"{first['throughput_tok_s']:.1f} tok/s (predicted {first['predicted_throughput_tok_s']:.1f})")
+            f"[{p['wall_ms_min']:.1f}-{p['wall_ms_max']:.1f}] (predicted {p['predicted_ms']:.1f}), decode "
+            f"{d['wall_ms']:.1f} ms [{d['wall_ms_min']:.1f}-{d['wall_ms_max']:.1f}] (predicted {d['predicted_ms']:.1f}), "
+            f"{first['throughput_tok_s']:.1f} tok/s (predicted {first['predicted_throughput_tok_s']:.1f}){note}")
 
 
 def cli_deploy(exp: Experiment, args: Any) -> int:
