@@ -225,9 +225,11 @@ def device_env(device):
     return env_for_kinds([device_slice(device)["kind"]])
 
 
-def plan_env(plan_file):
-    """The environment of a job that runs a plan's stages (deploy, generate)."""
-    return env_for_kinds(device_slice(d)["kind"] for d in plan_devices(plan_file))
+def cluster_env(model, cluster):
+    """The environment of a job that runs on a cluster's devices (profile_links, deploy, generate: a plan's
+    stages are all CPUs or all GPUs). From the config, not the plan: a conda directive may not read an input."""
+    devices = experiment(model, cluster).devices
+    return env_for_kinds(devices[d].kind for d in experiment(model, cluster).cluster.device_stems())
 
 
 def llmpq(verb):

@@ -25,7 +25,7 @@ rule deploy:
         gpu_model=lambda wc, input: deploy_gpu_request(input.plan)["gpu_model"],
         gres=lambda wc, input: deploy_gpu_request(input.plan)["gres"],
     conda:
-        lambda wc, input: plan_env(input.plan)
+        lambda wc: cluster_env(wc.model, wc.cluster)
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
         "plan={input.plan} out={output} > {log} 2>&1"

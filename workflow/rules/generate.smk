@@ -30,7 +30,7 @@ rule generate:
         gpu_model=lambda wc, input: deploy_gpu_request(input.plan)["gpu_model"],
         gres=lambda wc, input: deploy_gpu_request(input.plan)["gres"],
     conda:
-        lambda wc, input: plan_env(input.plan)
+        lambda wc: cluster_env(wc.model, wc.cluster)
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
         "plan={input.plan} out={output.completions} generate.on_change=restart > {log} 2>&1"

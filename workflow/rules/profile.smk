@@ -41,7 +41,6 @@ rule profile_links:
         "logs/profile_links/{cluster}.log",
     threads: workflow.cores
     conda:
-        lambda wc: env_for_kinds(experiment(model_of_cluster(wc.cluster), wc.cluster).devices[d].kind
-                                 for d in present_devices(wc.cluster))
+        lambda wc: cluster_env(model_of_cluster(wc.cluster), wc.cluster)
     shell:
         "{params.cli} cluster={wildcards.cluster} out={output} > {log} 2>&1"
