@@ -53,4 +53,4 @@ def test_changed_prompts_file_reruns_solve_and_after(batch_workflow):
         jobs = planned_jobs(batch_workflow)
     finally:
         prompts.write_text(original)
-    assert jobs == {"solve": 1, "deploy": 1, "generate": 1, "evaluate": 1, "all": 1}
+    assert jobs == {"solve": 1, "deploy": 1, "generate": 1, "evaluate": 1, "summary": 1, "all": 1}
