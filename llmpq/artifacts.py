@@ -23,7 +23,8 @@ from . import __version__
 SCHEMAS: dict[str, pa.Schema] = {
     # profile: one row per timed point of one component on one device type
     "profile": pa.schema([
-        ("device", pa.string()), ("model", pa.string()), ("component", pa.string()),  # layer | embed | head
+        # layer | embed | head | layer_hot | layer_idle | loop (per-step overheads, llmpq.profile.stage_loop)
+        ("device", pa.string()), ("model", pa.string()), ("component", pa.string()),
         ("bits", pa.int16()), ("kernel", pa.string()),  # the weight kernel timed (conf/kernels.yaml); fp16 at 16 bits
         ("phase", pa.string()),  # prefill | decode
         ("batch", pa.int32()), ("q_tokens", pa.int32()), ("context_len", pa.int32()),
@@ -34,6 +35,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "links": pa.schema([
         ("cluster", pa.string()), ("link", pa.string()), ("payload_bytes", pa.int64()),
         ("latency_ms", pa.float64()), ("repeats", pa.int32()),
+        ("load", pa.string()),  # idle (ping-pong) | busy (both ranks computing between messages, as stages do)
     ]),
     # quant_manifest: one row per (layer, bits) file of the per-layer quantized store
     "quant_manifest": pa.schema([
@@ -63,6 +65,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("rss_bytes", pa.int64()), ("planned_memory_bytes", pa.int64()), ("capacity_bytes", pa.int64()),
         ("kernels", pa.string()),  # the stage's weight kernels, "bits:kernel" joined by "," (highest bits first)
         ("rss_growth_bytes", pa.int64()),  # peak RSS over the RSS just before the stage loaded anything (CPU)
+        ("wall_ms_min", pa.float64()), ("wall_ms_max", pa.float64()), ("repeats", pa.int32()),  # over repetitions
+        ("stage_wall_ms", pa.float64()),  # the stage's own phase time (compute + wait)
+        ("device_used_bytes", pa.int64()),  # GPU: growth of the device's used memory (mem_get_info)
+        ("reference_ms", pa.float64()), ("load_factor", pa.float64()),  # idle reference; / the profile's
     ]),
     # generate_runs: one row per finished `llmpq generate` run (a resumed job adds a row per run); counts
     # are this run's, tokens_per_s = generated_tokens / wall_s, predicted from the plan (llmpq.generate.run)
@@ -84,6 +90,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         # the batch job on the workload's prompts file (llmpq generate), NaN where it has not run
         ("generate_tok_s", pa.float64()), ("generate_predicted_tok_s", pa.float64()),
         ("generate_rel_error", pa.float64()),
+        # spread over the deploy's repeated runs, the largest load factor, and how the method compares (evaluate)
+        ("measured_tok_s_min", pa.float64()), ("measured_tok_s_max", pa.float64()), ("repeats", pa.int32()),
+        ("load_factor", pa.float64()), ("within_noise", pa.bool_()), ("identical_to", pa.string()),
+        ("comparison", pa.string()),
     ]),
     # eval_stages: per method and stage, memory the plan predicted and the run measured against capacity
     "eval_stages": pa.schema([

@@ -138,8 +138,63 @@ def test_context_reads_measured_links(tmp_path):
 
     exp = compose_experiment(["model=opt-30b", "cluster=paper-c3", "workload=s512-n100-b32"])
     rows = [{"cluster": "paper-c3", "link": "inter_node", "payload_bytes": x, "latency_ms": 0.1 + x / 5e6,
-             "repeats": 3} for x in (1000, 10**6, 10**7)]
+             "repeats": 3, "load": "idle"} for x in (1000, 10**6, 10**7)]
     write_table("links", rows, paths.links_path(tmp_path, "paper-c3"))
     ctx = build_context(exp, Path(tmp_path))
     assert ctx.links["inter_node"].bandwidth_gbps == pytest.approx(5.0)
+    # the message cost under load, where measured, is what stages pay
+    busy = [{**r, "load": "busy", "latency_ms": 0.3 + r["payload_bytes"] / 2e6} for r in rows]
+    write_table("links", rows + busy, paths.links_path(tmp_path, "paper-c3"))
+    ctx = build_context(exp, Path(tmp_path))
+    assert ctx.links["inter_node"].bandwidth_gbps == pytest.approx(2.0)
+    assert ctx.links["inter_node"].latency_us == pytest.approx(300.0)
     assert ctx.latency.source("t4") == "roofline"
+
+
+def _overhead_fits(factor: float, loop_ms: float) -> dict:
+    """Profile grids of the per-step overheads only: hot/idle layer calls in the ratio `factor`, a constant loop."""
+    import numpy as np
+
+    from llmpq.costmodel.latency import Grid
+
+    b, length = np.asarray([1.0, 1.0, 16.0, 16.0]), np.asarray([16.0, 256.0, 16.0, 256.0])
+    fits = {}
+    for phase in ("prefill", "decode"):
+        fits[("layer_hot", 16, "fp16", phase)] = Grid.from_points(b, length, np.full(4, 2.0), "hot")
+        fits[("layer_idle", 16, "fp16", phase)] = Grid.from_points(b, length, np.full(4, 2.0 * factor), "idle")
+        fits[("loop", 16, "fp16", phase)] = Grid.from_points(np.asarray([1.0, 16.0]), np.asarray([1.0, 1.0]),
+                                                             np.full(2, loop_ms), "loop")
+    return fits
+
+
+def test_step_overheads_enter_stage_times_and_the_milp(ctx):
+    """t_j = f_idle · Σ layers + embed + head + t_loop, f_idle only in a multi-stage pipeline; the MILP's tables
+    carry the same terms."""
+    from llmpq.costmodel.latency import LatencyModel
+    from llmpq.solve.quality import OmegaTable
+    from llmpq.solve.tables import CostCache, build_tables, from_stages, stage_times
+    import numpy as np
+
+    lat = ctx.latency
+    with_over = LatencyModel(lat.shape, lat.devices, lat.quant,
+                             fits={"t4": _overhead_fits(1.3, 0.2), "v100-32g": _overhead_fits(1.1, 0.05)},
+                             kernels=lat.kernels)
+    ctx2 = replace(ctx, latency=with_over)
+    assert with_over.after_idle("t4", "decode") == pytest.approx(1.3) and with_over.loop_ms("t4", "decode", 8) == 0.2
+    assert with_over.overhead_source("t4") == "profile" and lat.overhead_source("t4") == "none"
+    st = two_stages()[0]
+    s = ctx.workload.prompt_len
+    ends = lat.embed_ms("t4", "decode", 8, 1)
+    layers = stage_time_ms(ctx, st, "decode", 8, s + 5, first=True, last=False) - ends
+    assert stage_time_ms(ctx2, st, "decode", 8, s + 5, first=True, last=False, pipelined=True) == pytest.approx(
+        1.3 * layers + ends + 0.2)
+    assert stage_time_ms(ctx2, st, "decode", 8, s + 5, first=True, last=False) == pytest.approx(layers + ends + 0.2)
+    # one stage: no idle factor, the loop cost per step
+    single = estimate(ctx2, one_stage(ctx), 8, 8)
+    assert single.stage_decode_ms[0] == pytest.approx(estimate(ctx, one_stage(ctx), 8, 8).stage_decode_ms[0] + 0.05)
+    # the MILP's tables of a two-stage branch give the estimator's stage times
+    e = estimate(ctx2, two_stages(), 8, 8)
+    omega = OmegaTable((16, 8, 4, 3), np.zeros((48, 4)), "proxy")
+    tb = build_tables(CostCache(ctx2), [("n0", "t4"), ("n1", "v100-32g")], 8, 8, omega)
+    tp, _ = stage_times(tb, from_stages(tb, e.stages))
+    assert tp == pytest.approx(np.asarray(e.stage_prefill_ms))

@@ -9,6 +9,7 @@ from llmpq.config.types import GIB
 from llmpq.costmodel.memory import (
     gptq_linear_bytes,
     kernel_workspace_bytes,
+    library_workspace_bytes,
     layer_kv_bytes,
     layer_weight_bytes,
     stage_fixed_memory,
@@ -138,9 +139,10 @@ def test_gated_mlp_and_materialised_scores_in_activations(t4):
     scores = stage_fixed_memory(shape, t4, w, 4, 4, first=False, last=False, scores_materialized=True)
     tokens = 4 * 256
     mlp = tokens * (3 * 4096 + 3 * 14336) * 2
-    assert plain.activations_bytes == mlp
+    lib = library_workspace_bytes(t4)  # the cuBLAS workspace of a GPU process
+    assert plain.activations_bytes == mlp + lib
     attn = (tokens * (2 * 4096 + (32 + 16) * 128 + 32 * 128) + 2 * 4 * 32 * 256 * 256) * 2
-    assert scores.activations_bytes == max(mlp, attn)
+    assert scores.activations_bytes == max(mlp, attn) + lib
 
 
 def test_cpu_capacity_uses_memory_cap():
@@ -172,3 +174,35 @@ def test_gptq_bytes_match_gptqmodel_buffers(cpu):
             stored = sum(b.numel() * b.element_size() for n, b in q.named_buffers()
                          if n in ("qweight", "qzeros", "scales", "g_idx", "bias"))
             assert gptq_linear_bytes(inf, outf, bias, bits, 128) == stored
+
+
+def test_library_workspace_per_device(t4, cpu):
+    from llmpq.costmodel.memory import CUDA_SMALL_BUFFERS_BYTES
+
+    assert library_workspace_bytes(cpu) == 0
+    assert library_workspace_bytes(t4) == 4096 * 1024 * 2 + 16 * 1024 * 8 + CUDA_SMALL_BUFFERS_BYTES  # cc 7.5
+    assert library_workspace_bytes(load_device("h100")) == 32 * 1024**2 + CUDA_SMALL_BUFFERS_BYTES     # cc 9.0
+    w = WorkloadSpec("w", 16, 4, 2)
+    shape = shape_from_config(OPT_30B)
+    gpu, host = stage_fixed_memory(shape, t4, w, 1, 1, first=False, last=False), stage_fixed_memory(
+        shape, cpu, w, 1, 1, first=False, last=False)
+    assert gpu.activations_bytes - library_workspace_bytes(t4) == host.activations_bytes // 2  # fp16 vs fp32
+
+
+def test_gpu_stage_memory_against_the_h100_measurement(tiny_opt_dir):
+    """The one-stage fp16 tiny-opt plan deployed on an H100 (benchmarks/results/gpu_check_h100.json): the CUDA
+    allocator's measured peak against the memory model's stage total without the device's reserve (the CUDA
+    context, which the allocator does not see)."""
+    import json
+    from pathlib import Path
+
+    fixture = json.loads((Path(__file__).parents[1] / "benchmarks/results/gpu_check_h100.json").read_text())
+    measured = fixture["plans"]["fp16"]["measured_peak_bytes"]
+    h100 = load_device("h100")
+    shape = shape_from_config(json.loads((tiny_opt_dir / "config.json").read_text()))
+    w = WorkloadSpec("s64-n16-b8", 64, 16, 8)
+    m = stage_memory(shape, h100, (16,) * 4, w, 4, 8, G128, first=True, last=True, kernels={})
+    predicted = m.total_bytes - m.reserve_bytes
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+    without = predicted - (32 * 1024**2 + 1024**2)
+    assert without == pytest.approx(fixture["plans"]["fp16"]["predicted_bytes"], rel=0.01)  # what was predicted then

@@ -100,17 +100,30 @@ def test_profile_tiny_layer_writes_valid_table(tmp_path):
     # contexts are capped at the model's 64 positions: 128 -> 64
     assert sorted(set(layer[layer.phase == "decode"].context_len)) == [8, 16, 64]
     assert len(layer) == 2 * 2 + 2 * 3
-    assert set(table.component) == {"layer", "embed", "head"}
+    assert set(table.component) == {"layer", "embed", "head", "layer_hot", "layer_idle", "loop"}
+    overheads = table[table.component.isin(["layer_hot", "layer_idle", "loop"])]
+    assert (overheads.latency_ms >= 0).all() and (overheads.bits == 16).all()
+    table = table[~table.component.isin(["loop"])]  # a loop cost may be measured as 0
     assert (table.latency_ms > 0).all()
     assert (table.latency_ms_p10 <= table.latency_ms).all() and (table.latency_ms <= table.latency_ms_p90).all()
     prefill = layer[layer.phase == "prefill"]
     assert (prefill.q_tokens == prefill.context_len).all()
     assert (layer[layer.phase == "decode"].q_tokens == 1).all()
     meta = read_meta(out)
-    assert meta["device"] == "cpu" and "grid" in meta
+    assert meta["device"] == "cpu" and "grid" in meta and meta["dtype"] == "float32"
+    assert float(meta["reference_ms"]) > 0
     model = build_latency_model(shape_from_config(TINY_OPT), {"cpu": cpu}, QuantSpec(), {"cpu": out})
-    assert model.source("cpu") == "profile"
+    assert model.source("cpu") == "profile" and model.overhead_source("cpu") == "profile"
     assert model.layer_ms("cpu", 16, "decode", 2, 1, 12) > 0
+    corners = table[table.component == "layer_hot"]
+    assert sorted(set(zip(corners.phase, corners.batch))) == [("decode", 1), ("decode", 2), ("prefill", 1),
+                                                               ("prefill", 2)]
+    loops = read_table("profile", out).to_pandas().query("component == 'loop'")
+    assert sorted(zip(loops.phase, loops.batch)) == [("decode", 1), ("decode", 2), ("prefill", 1), ("prefill", 2)]
+    for phase in ("prefill", "decode"):
+        assert model.after_idle("cpu", phase) >= 1.0
+        assert model.loop_ms("cpu", phase, 2) >= 0.0 and model.loop_ms("cpu", phase, 64) == model.loop_ms("cpu", phase, 2)
+    assert build_latency_model(shape_from_config(TINY_OPT), {"cpu": cpu}, QuantSpec(), {}).after_idle("cpu", "decode") == 1
 
 
 def test_big_layers_are_left_to_the_roofline():
@@ -148,7 +161,25 @@ def test_profile_links_local(tmp_path):
     from llmpq.costmodel.context import read_links
     from llmpq.profile.links import profile_links_to
 
-    cluster = compose_experiment([]).cluster
-    out = profile_links_to(tmp_path / "links.parquet", cluster, payloads=(4096, 1 << 20), repeats=3)
+    exp = compose_experiment([])
+    out = profile_links_to(tmp_path / "links.parquet", exp.cluster, exp.devices, payloads=(4096, 1 << 20), repeats=3)
+    rows = read_table("links", out).to_pylist()
+    assert sorted({(r["load"], r["payload_bytes"]) for r in rows}) == [
+        ("busy", 4096), ("busy", 1 << 20), ("idle", 4096), ("idle", 1 << 20)]
+    assert all(r["latency_ms"] >= 0 for r in rows)
     links = read_links(out)
     assert set(links) == {"intra_node"} and links["intra_node"].bandwidth_gbps > 0
+
+
+def test_gpu_links_are_never_loopback_figures():
+    """A GPU cluster's intra-node link is measured with NCCL only where two GPUs are visible; otherwise nothing is
+    measured (the configured figures stay) and the reason says so."""
+    from llmpq.config import compose_experiment
+    from llmpq.profile.links import link_plan
+
+    exp = compose_experiment(["model=opt-30b", "cluster=paper-c3"])
+    backend, why = link_plan(exp.cluster, exp.devices, gpus=0)
+    assert backend is None and "never filed for a GPU link" in why
+    assert link_plan(exp.cluster, exp.devices, gpus=2)[0] == "nccl"
+    cpu = compose_experiment([])
+    assert link_plan(cpu.cluster, cpu.devices, gpus=0)[0] == "gloo"

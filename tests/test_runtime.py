@@ -102,6 +102,13 @@ def hf_model(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
+def assert_clocks_add_up(rows: list[dict]) -> None:
+    """Every runs row: the stage's compute + wait = its phase wall within 2%; repeats >= 3, min <= median <= max."""
+    for r in rows:
+        assert r["compute_ms"] + r["wait_ms"] == pytest.approx(r["stage_wall_ms"], rel=0.02), r
+        assert r["repeats"] >= 3 and r["wall_ms_min"] <= r["wall_ms"] <= r["wall_ms_max"], r
+
+
 def test_schedule_covers_every_token_once():
     steps = plan_steps(batch=5, prompt_len=16, gen_len=4, b_p=2, b_d=3)
     prefill = [s for s in steps if s.phase == "prefill"]
@@ -159,6 +166,8 @@ def test_one_stage_plan_matches_hf_generate(tiny_opt_dir, results, config_dir, t
     assert all(r["tokens"] == B * N and r["wait_ms"] == 0 and r["compute_ms"] > 0 for r in table)
     assert table[0]["predicted_ms"] == pytest.approx(10.0) and table[1]["predicted_compute_ms"] == pytest.approx(10.0)
     assert table[0]["kv_bytes"] == 4 * 2 * 6 * (S + N) * 64 * 4  # 4 layers, K and V, K_d·b_d = 6 sequences, fp32
+    assert_clocks_add_up(table)
+    assert table[0]["stage_wall_ms"] == pytest.approx(table[0]["wall_ms"])  # one stage: its wall is the pipeline's
 
 
 def test_two_stage_plan_via_cli_matches_hf_generate(tiny_opt_dir, results, config_dir, tmp_path, capsys):
@@ -179,6 +188,7 @@ def test_two_stage_plan_via_cli_matches_hf_generate(tiny_opt_dir, results, confi
     assert [r["steps"] for r in table] == [2, 5 * (N - 1)] * 2
     assert table[0]["kv_bytes"] * 3 == table[2]["kv_bytes"]  # one layer against three
     assert all(r["rss_bytes"] > 0 and r["wait_ms"] >= 0 for r in table)
+    assert_clocks_add_up(table)
     assert sorted(p.name for p in out.parent.iterdir()) == ["test.parquet", "test.tokens.json"]
 
 
@@ -190,6 +200,7 @@ def test_three_stage_plan_matches_hf_generate(tiny_opt_dir, results, config_dir,
     tokens, _, _ = hf_greedy(hf_model(tiny_opt_dir), run.sidecar["prompts"], N)
     assert run.sidecar["tokens"] == tokens
     assert [r["stage"] for r in run.rows] == [0, 0, 1, 1, 2, 2]
+    assert_clocks_add_up(run.rows)
 
 
 def test_mixed_bit_plan_matches_the_same_model_in_one_process(tiny_opt_dir, results, config_dir, tmp_path):

@@ -226,11 +226,18 @@ def test_a_task_on_the_wrong_type_or_partition_is_refused_naming_both():
 
 
 def test_a_gpu_stage_on_the_wrong_card_fails_before_loading(monkeypatch):
+    """A 32 GB V100 stage that lands on a 16 GB card: same name family, memory off by half; both are named."""
+    from types import SimpleNamespace
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100-SXM2-16GB")
-    spec = StageSpec(1, "v100-32g", "n1", "gpu", "Tesla_V100-SXM2-32GB", None, 0, 1, (16,), 1, 1, 1, 1, None, 0)
-    with pytest.raises(RuntimeError, match=r"expects a Tesla_V100-SXM2-32GB \(v100-32g\) but cuda:0 is a "
-                                           r"Tesla_V100-SXM2-16GB"):
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name="Tesla V100-SXM2-16GB", total_memory=16 * GIB))
+    v100 = load_device("v100-32g")
+    spec = StageSpec(1, "v100-32g", "n1", "gpu", v100.name, None, 0, 1, (16,), 1, 1, 1, 1, None, 0,
+                     name_pattern=v100.name_pattern, memory_gib=v100.memory_gib)
+    from llmpq.runtime.caps import DeviceMismatch
+
+    with pytest.raises(DeviceMismatch, match=r"planned v100-32g .*found .*V100-SXM2-16GB.*memory differs"):
         torch_device(spec, 0)
 
 

@@ -48,3 +48,51 @@ def test_table_formats_and_skips_missing():
     assert "vs best baseline" not in html and "batch job" not in html  # columns with no value anywhere
     html = table_html([{**row("llmpq", 5385.6), "ratio_vs_best_baseline": 1.5}, row("uniform", 3000.0)])
     assert "vs best baseline" in html and "<td>1.50×</td>" in html and "<td></td>" in html
+
+
+def result(method, measured, lo, hi, load=float("nan")):
+    from llmpq.evaluate.run import MethodResult
+
+    return MethodResult(method, measured, measured * 1.1, 0.0, 0.0, 24.0, 0.0, measured_tok_s_min=lo,
+                        measured_tok_s_max=hi, repeats=3, load_factor=load)
+
+
+def test_identical_plans_under_other_names_are_reported_identical():
+    from llmpq.evaluate.run import compare
+
+    p = plan([[16, 16], [16, 16]])
+    plans = {"llmpq": p, "uniform": copy.deepcopy(p), "pipeedge": plan([[8, 8], [8, 8]])}
+    out = compare([result("llmpq", 3472.0, 3400, 3500), result("uniform", 2426.0, 2400, 2500),
+                   result("pipeedge", 2000.0, 1990, 2010)], plans)
+    assert out["llmpq"].identical_to == "uniform" and out["llmpq"].text == "identical plan to uniform"
+    assert out["uniform"].identical_to == "llmpq"
+    assert out["pipeedge"].identical_to == "" and out["pipeedge"].text == ""
+
+
+def test_overlapping_spreads_are_within_noise_and_apart_are_not():
+    from llmpq.evaluate.run import compare, summary_markdown
+
+    plans = {"llmpq": plan([[16, 16, 16], [16]], b_p=3), "uniform": plan([[8, 8], [8, 8]])}
+    close = compare([result("llmpq", 3100.0, 2900, 3300), result("uniform", 3000.0, 2800, 3150)], plans)
+    assert close["llmpq"].within_noise and close["llmpq"].text == "1.03x (within noise)"
+    apart = compare([result("llmpq", 5000.0, 4900, 5100), result("uniform", 3000.0, 2900, 3100)], plans)
+    assert not apart["llmpq"].within_noise and apart["llmpq"].text == "1.67x"
+    text = summary_markdown("t", [result("llmpq", 3100.0, 2900, 3300), result("uniform", 3000.0, 2800, 3150)], close)
+    assert "2900–3300 (3)" in text and "within noise" in text
+    rows = [{**row("llmpq", 3100.0), "measured_tok_s_min": 2900.0, "measured_tok_s_max": 3300.0},
+            {**row("uniform", 3000.0), "measured_tok_s_min": 2800.0, "measured_tok_s_max": 3150.0}]
+    assert "within noise" in why_paragraph(plans, rows)
+
+
+def test_a_loaded_machine_withholds_the_ranking():
+    from llmpq.evaluate.run import compare, summary_markdown
+
+    plans = {"llmpq": plan([[16, 16, 16], [16]], b_p=3), "uniform": plan([[8, 8], [8, 8]])}
+    results = [result("llmpq", 5000.0, 4900, 5100, load=1.6), result("uniform", 3000.0, 2900, 3100, load=1.1)]
+    out = compare(results, plans)
+    assert out["llmpq"].text == "withheld: machine loaded (x1.60)"
+    assert "ranking is withheld" in summary_markdown("t", results, out)
+    rows = [{**row("llmpq", 5000.0), "load_factor": 1.6}, {**row("uniform", 3000.0), "load_factor": 1.1}]
+    assert "no ranking is given" in why_paragraph(plans, rows)
+    html = table_html([{**row("llmpq", 5000.0), "ratio_vs_best_baseline": 1.67, "comparison": out["llmpq"].text}])
+    assert "<td>withheld: machine loaded (x1.60)</td>" in html

@@ -55,6 +55,7 @@ class DeviceSpec:
     memory_cap_gib: float | None = None
     compute_capability: float | None = None          # GPUs: from the spec sheet; None on a CPU
     kernels: tuple[tuple[int, str], ...] = ()        # (bits, kernel) overriding the menu derived from the capability
+    name_pattern: str | None = None                  # GPUs: regex for the driver's name (`llmpq.config.identity`)
     slurm: SlurmBlock = field(default_factory=SlurmBlock, hash=False, compare=False)
 
     @property
@@ -117,6 +118,7 @@ class ModelSpec:
     bits: tuple[int, ...]
     quant: QuantSpec
     hf_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    dtype: str = "auto"          # compute dtype on GPUs: auto | float16 | bfloat16 (`llmpq.config.dtypes`)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any, Callable, Mapping
 
 from ..data.prompt_source import OVERLONG_MODES, STOP_MODES, prompts_kind
+from .dtypes import MODEL_DTYPES
 from .errors import ConfigError
 from .types import (
     ClusterSpec,
@@ -145,6 +147,15 @@ def slurm_block(r: Reader) -> SlurmBlock:
     return SlurmBlock(**values)
 
 
+def regex(value: str) -> str | None:
+    """Why `value` is not a regular expression, or None."""
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"not a regular expression: {exc}"
+    return None
+
+
 def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
     r = Reader(file, data)
     kind = r.get("kind", str, "gpu", one_of(("gpu", "cpu")))
@@ -175,7 +186,10 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
         slurm=slurm_block(r.sub("slurm")) if data.get("slurm") is not None else SlurmBlock(),
         compute_capability=capability,
         kernels=kernel_overrides(r, bits),
+        name_pattern=r.get("name_pattern", str, None, regex),
     )
+    if kind == "cpu" and spec.name_pattern is not None:
+        raise r.fail("name_pattern", "a cpu device has no GPU name to match")
     r.finish()
     return spec
 
@@ -236,6 +250,7 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
         bits=tuple(r.get("bits", list, check=bit_list)),
         quant=QuantSpec(scheme=q.get("scheme", str, "gptq", one_of(KNOWN_SCHEMES)), group_size=q.get("group_size", int, 128, positive)),
         hf_config=dict(r.get("hf_config", Mapping, {})) or None,
+        dtype=r.get("dtype", str, "auto", one_of(MODEL_DTYPES)),
     )
     r.finish()
     return spec

@@ -32,8 +32,9 @@ class CostContext:
         object.__setattr__(self, "links", MappingProxyType(dict(self.links)))
 
 
-def read_links(path: Path) -> dict[str, Link]:
-    """Measured link classes of a `links` table: α and bandwidth fitted per link class."""
+def read_links(path: Path, load: str = "busy") -> dict[str, Link]:
+    """Measured link classes of a `links` table: α and bandwidth fitted per link class to its points measured under
+    `load` (busy: the message cost with both ranks computing, what pipeline stages pay), else to its idle points."""
     from llmpq.artifacts import read_table
 
     df = read_table("links", path).to_pandas()
@@ -41,7 +42,10 @@ def read_links(path: Path) -> dict[str, Link]:
     for name, rows in df.groupby("link", sort=True):
         if name not in LINK_CLASSES:
             raise ValueError(f"{path}: unknown link class {name!r} (known: {', '.join(LINK_CLASSES)})")
-        out[str(name)] = fit_link(rows["payload_bytes"].to_numpy(float), rows["latency_ms"].to_numpy(float))
+        chosen = rows[rows["load"] == load]
+        if chosen["payload_bytes"].nunique() < 2:
+            chosen = rows[rows["load"] == "idle"]
+        out[str(name)] = fit_link(chosen["payload_bytes"].to_numpy(float), chosen["latency_ms"].to_numpy(float))
     return out
 
 

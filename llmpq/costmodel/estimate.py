@@ -112,29 +112,36 @@ def kernel_specs(ctx: CostContext, stage: StageAssignment) -> dict:
 
 
 def _stage_ms_many(ctx: CostContext, stage: StageAssignment, phase: str, batch: int, q_tokens: int,
-                   contexts: np.ndarray, *, first: bool, last: bool) -> np.ndarray:
-    """t_j at many context lengths: Σ_layers t_layer(bits_i, kernel of bits_i) + t_embed (first) + t_head (last) (ms)."""
+                   contexts: np.ndarray, *, first: bool, last: bool, pipelined: bool) -> np.ndarray:
+    """t_j at many context lengths (ms): `stage_time_ms`'s formula."""
     total = np.zeros(len(contexts))
     kernels = stage.kernel_map
     for bits in sorted(set(stage.bits)):
         count = stage.bits.count(bits)
         total += count * ctx.latency.layer_ms_many(stage.device, bits, phase, batch, q_tokens, contexts,
                                                    kernels.get(bits))
+    if pipelined:
+        total *= ctx.latency.after_idle(stage.device, phase)
     if first:
         total += ctx.latency.embed_ms(stage.device, phase, batch, q_tokens)
     if last:
         total += ctx.latency.head_ms(stage.device, phase, batch)
-    return total
+    return total + ctx.latency.loop_ms(stage.device, phase, batch)
 
 
 def stage_time_ms(ctx: CostContext, stage: StageAssignment, phase: str, batch: int, context_len: int, *,
-                  first: bool, last: bool) -> float:
-    """t_j = Σ_{i in stage} t_layer(device, b_i, phase, batch, q, c) + t_embed (first) + t_head (last) (ms).
+                  first: bool, last: bool, pipelined: bool = False) -> float:
+    """t_j = f_idle · Σ_{i in stage} t_layer(device, b_i, phase, batch, q, c) + t_embed (first) + t_head (last)
+    + t_loop(device, phase, batch) (ms).
 
-    Prefill: q = c = context_len (the prompt); decode: q = 1 new token over context c.
+    Prefill: q = c = context_len (the prompt); decode: q = 1 new token over context c. f_idle (the device's
+    after-idle factor, `LatencyModel.after_idle`) applies to a stage of a multi-stage pipeline (`pipelined`),
+    which waits for its input before every step; t_loop is the stage loop's own cost per step
+    (`LatencyModel.loop_ms`). Both come from the device's profile (1 and 0 without one).
     """
     q = context_len if phase == "prefill" else 1
-    return float(_stage_ms_many(ctx, stage, phase, batch, q, np.asarray([context_len]), first=first, last=last)[0])
+    return float(_stage_ms_many(ctx, stage, phase, batch, q, np.asarray([context_len]), first=first, last=last,
+                                pipelined=pipelined)[0])
 
 
 def link_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int, tokens: int) -> tuple[float, ...]:
@@ -190,14 +197,17 @@ def estimate(ctx: CostContext, stages: Sequence[StageAssignment], b_p: int, b_d:
     s, n, last_j = w.prompt_len, w.gen_len, len(stages) - 1
     k_p, k_d = micro_batches(w.batch, b_p), micro_batches(w.batch, b_d)
 
+    pipelined = len(stages) > 1
     prefill_stage = tuple(
-        float(_stage_ms_many(ctx, st, "prefill", b_p, s, np.asarray([s]), first=j == 0, last=j == last_j)[0])
+        float(_stage_ms_many(ctx, st, "prefill", b_p, s, np.asarray([s]), first=j == 0, last=j == last_j,
+                             pipelined=pipelined)[0])
         for j, st in enumerate(stages))
     prefill = PhaseTimes(prefill_stage, link_times_ms(ctx, stages, b_p, s))
 
     k_mid = max(1, n // 2)
     contexts = s + np.arange(1, max(n, 2), dtype=float)  # rounds k = 1..n−1 (k_mid too when n = 1)
-    decode_stage = np.stack([_stage_ms_many(ctx, st, "decode", b_d, 1, contexts, first=j == 0, last=j == last_j)
+    decode_stage = np.stack([_stage_ms_many(ctx, st, "decode", b_d, 1, contexts, first=j == 0, last=j == last_j,
+                                            pipelined=pipelined)
                              for j, st in enumerate(stages)])
     comm_decode = link_times_ms(ctx, stages, b_d, 1)
     rounds = [PhaseTimes(tuple(map(float, decode_stage[:, k - 1])), comm_decode) for k in range(1, n)]

@@ -17,6 +17,11 @@ tokens (embedding); the head has length 1. `kernel` is the weight kernel that ra
   profile/roofline at the nearest bit-width profiled *with the same kernel*; a kernel the profile lacks:
   its roofline. A profile of one kernel never stands in for another.
 
+Per-step overheads, from the same profile (`llmpq.profile.stage_loop`), named terms of a stage's time:
+`loop_ms` (the stage loop's own cost per step, per phase and batch) and `after_idle` (the factor by which
+a layer called right after an idle gap is slower than one called back to back, per phase). Without a profile
+they are 0 and 1 (a roofline device: nothing measured; `overhead_source` says which).
+
 The scaling is per device stem, so efficiencies seen on a CPU never leak into a GPU's numbers. Every layer
 time names its kernel; `kernel=None` asks for the fastest of the device's menu at that point.
 """
@@ -40,7 +45,8 @@ from .roofline import PHASES, LayerRoofline, embed_roofline_ms, head_roofline_ms
 if TYPE_CHECKING:
     import pyarrow as pa
 
-COMPONENTS = ("layer", "embed", "head")
+COMPONENTS = ("layer", "embed", "head", "layer_hot", "layer_idle", "loop")
+LAYER_COMPONENTS = ("layer", "layer_hot", "layer_idle")   # decode rows keyed by context length
 FitKey = tuple[str, int, str, str]  # (component, bits, kernel, phase)
 
 
@@ -221,6 +227,35 @@ class LatencyModel:
                                   np.asarray([1.0]),
                                   lambda b, _q, _bits: head_roofline_ms(self.shape, spec, phase, b))[0])
 
+    def loop_ms(self, device: str, phase: str, batch: int) -> float:
+        """t_loop(device, phase, b): the stage loop's own cost per step (ms): profile component `loop`
+        (`llmpq.profile.stage_loop`), interpolated in b and held constant outside the profiled batches; 0 where the
+        device has no such profile (a roofline device)."""
+        self._device(device)
+        _check(phase, batch, 1)
+        grid = self.fits.get(device, {}).get(("loop", DENSE_BITS, DENSE_KERNEL, phase))
+        if grid is None:
+            return 0.0
+        b, length = grid.clamp(np.asarray([float(batch)]), np.asarray([grid.lengths[0]]))
+        return float(grid.interpolate(b, length)[0])
+
+    def after_idle(self, device: str, phase: str) -> float:
+        """f_idle(device, phase) >= 1: a layer call right after an idle gap over one right after another call, the
+        median over the profiled corner points (components `layer_idle` / `layer_hot`); 1 without them."""
+        self._device(device)
+        fits = self.fits.get(device, {})
+        hot = fits.get(("layer_hot", DENSE_BITS, DENSE_KERNEL, phase))
+        idle = fits.get(("layer_idle", DENSE_BITS, DENSE_KERNEL, phase))
+        if hot is None or idle is None:
+            return 1.0
+        ratios = np.asarray(idle.values_ms, float) / np.maximum(np.asarray(hot.values_ms, float), 1e-12)
+        return max(1.0, float(np.median(ratios)))
+
+    def overhead_source(self, device: str) -> str:
+        """"profile" where the device's profile measured the per-step overheads, else "none" (they count 0)."""
+        fits = self.fits.get(device, {})
+        return "profile" if any(key[0] in ("loop", "layer_idle") for key in fits) else "none"
+
     def _check_kernel(self, device: str, bits: int, kernel: str) -> None:
         if kernel not in self.kernels_for(device, bits):
             raise ValueError(f"kernel {kernel!r} is not in device {device}'s menu for {bits}-bit layers "
@@ -278,7 +313,7 @@ def fit_profile(table: "pa.Table", where: str) -> dict[FitKey, Grid]:
     for (component, bits, kernel, phase), rows in df.groupby(["component", "bits", "kernel", "phase"], sort=True):
         if component not in COMPONENTS or phase not in PHASES:
             raise ValueError(f"{where}: unknown component/phase {component!r}/{phase!r}")
-        length = rows["context_len"] if component == "layer" and phase == "decode" else rows["q_tokens"]
+        length = rows["context_len"] if component in LAYER_COMPONENTS and phase == "decode" else rows["q_tokens"]
         fits[(str(component), int(bits), str(kernel), str(phase))] = Grid.from_points(
             rows["batch"].to_numpy(float), length.to_numpy(float), rows["latency_ms"].to_numpy(float),
             f"{where} [{component}, {bits} bits, {kernel}, {phase}]")

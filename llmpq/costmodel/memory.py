@@ -213,12 +213,37 @@ def head_bytes(shape: ModelShape, device: DeviceSpec, batch: int, *, with_embedd
     return (shape.final_norm_params + matrix) * dtype_bytes(device) + batch * shape.vocab * FP32_BYTES
 
 
+CUBLAS_WORKSPACE_BYTES_HOPPER = 4096 * 8 * 1024        # PyTorch's default on compute capability 9.x, 10.x, 12.x
+CUBLAS_WORKSPACE_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8  # its default before (":4096:2:16:8")
+CUBLAS_32MIB_MAJORS = (9, 10, 12)
+CUDA_SMALL_BUFFERS_BYTES = 1024**2   # measured remainder on an H100 (benchmarks/results/gpu_check_h100.json)
+
+
+def library_workspace_bytes(device: DeviceSpec) -> int:
+    """W_lib: what a GPU stage process allocates besides its tensors (bytes); 0 on a CPU.
+
+    = PyTorch's cuBLAS workspace, which cuBLASLt shares (torch's unified workspace, the default since 2.x;
+    `CublasHandlePool.cpp`): 4096·8 KiB = 32 MiB on compute capability 9.x/10.x/12.x (Hopper, Blackwell),
+    4096·2 KiB + 16·8 KiB = 8,519,680 B before (unknown capability: the smaller), one per device and stream
+    + 1 MiB of small buffers and the allocator's rounding of every tensor to 512 bytes: what remained of the
+    CUDA allocator's measured peak over the model's tensors on an H100 (36,244,992 B measured for tiny-opt's
+    one-stage fp16 plan, 1,530,880 B of tensors predicted, 32 MiB of workspace). The CUDA context itself is
+    outside the allocator and part of the device's `reserve_gib`.
+    """
+    if device.kind == "cpu":
+        return 0
+    major = int(device.compute_capability or 0)
+    workspace = CUBLAS_WORKSPACE_BYTES_HOPPER if major in CUBLAS_32MIB_MAJORS else CUBLAS_WORKSPACE_BYTES
+    return workspace + CUDA_SMALL_BUFFERS_BYTES
+
+
 def stage_fixed_memory(shape: ModelShape, device: DeviceSpec, workload: WorkloadSpec, b_p: int, b_d: int, *,
                        first: bool, last: bool, head_on_first: bool = False,
                        scores_materialized: bool | None = None, workspace_bytes: int = 0) -> StageMemory:
     """The part of a stage's memory that does not depend on its layers (weights_bytes = kv_bytes = 0).
 
-    Activations peak (larger phase) plus the kernels' workspace (`workspace_bytes`, in `activations_bytes`),
+    Activations peak (larger phase) plus the kernels' workspace (`workspace_bytes`) and the libraries'
+    per-process workspace on a GPU (`library_workspace_bytes`), both in `activations_bytes`;
     send/receive buffers, the embedding on the first stage, the LM head and last-position logits on the
     stage that runs it (the last, or the first with `head_on_first`), the device's reserve; capacity from
     the device.
@@ -228,7 +253,7 @@ def stage_fixed_memory(shape: ModelShape, device: DeviceSpec, workload: Workload
         weights_bytes=0,
         kv_bytes=0,
         activations_bytes=activations_bytes(shape, device, workload, b_p, b_d, scores_materialized=scores_materialized)
-        + workspace_bytes,
+        + workspace_bytes + library_workspace_bytes(device),
         embed_bytes=embed_bytes(shape, device) if first else 0,
         head_bytes=head_bytes(shape, device, max(b_p, b_d), with_embedding=first) if runs_head else 0,
         buffers_bytes=buffers_bytes(shape, device, workload, b_p, b_d, first=first, last=last),

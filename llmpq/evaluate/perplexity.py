@@ -135,6 +135,7 @@ class PlanBits:
 
     bits: tuple[int, ...]
     scheme: str
+    dtype: str = "float32"   # the plan's compute dtype (plans that record none ran in float32 on CPUs)
 
 
 def read_plan_bits(path: str | Path) -> PlanBits:
@@ -162,23 +163,26 @@ def read_plan_bits(path: str | Path) -> PlanBits:
     scheme = (plan.get("quant") or {}).get("scheme")
     if not scheme:
         raise ValueError(f"{path}: quant.scheme: missing")
-    return PlanBits(tuple(bits), str(scheme))
+    return PlanBits(tuple(bits), str(scheme), str(plan.get("dtype") or "float32"))
 
 
 def model_perplexity(model_dir: str | Path, spec: EvalSpec, bits_per_layer: Sequence[int] | None = None,
                      quant_root: str | Path | None = None, scheme: str = "gptq",
-                     token_ids: torch.Tensor | None = None, progress: bool = False) -> PerplexityResult:
-    """Perplexity of the model in `model_dir` (fp) or, with `bits_per_layer`, of its per-layer quantized store."""
+                     token_ids: torch.Tensor | None = None, progress: bool = False,
+                     dtype: str = "float32") -> PerplexityResult:
+    """Perplexity of the model in `model_dir` (fp) or, with `bits_per_layer`, of its per-layer quantized store, computed
+    in `dtype` (a plan's: what its stages compute in)."""
     from transformers import AutoModelForCausalLM
 
-    from ..quantize.loader import DEFAULT_DTYPE, load_mixed_model
+    from ..quantize.loader import load_mixed_model
 
+    compute = getattr(torch, dtype)
     if bits_per_layer is None:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DEFAULT_DTYPE)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=compute)
     else:
         if quant_root is None:
             raise ValueError("quant_root is needed to evaluate quantized layers")
-        model = load_mixed_model(model_dir, quant_root, bits_per_layer, scheme)
+        model = load_mixed_model(model_dir, quant_root, bits_per_layer, scheme, dtype=compute)
     ids = token_ids if token_ids is not None else eval_token_ids(model_dir, spec)
     return perplexity(model, ids, spec.window, spec.stride, spec.max_windows, progress=progress)
 
@@ -194,15 +198,16 @@ def cli_ppl(exp: Any, args: Any) -> int:
     if args.plan is not None and args.bits is not None:
         raise ValueError("give plan= or bits=, not both")
     spec = EvalSpec.from_raw(exp.raw["eval"])
-    scheme, bits = exp.model.quant.scheme, None
+    scheme, bits, dtype = exp.model.quant.scheme, None, "float32"
     if args.plan is not None:
         plan = read_plan_bits(args.plan)
-        scheme, bits = plan.scheme, list(plan.bits)
+        scheme, bits, dtype = plan.scheme, list(plan.bits), plan.dtype
     elif args.bits is not None:
         from ..models.source import model_shape
 
         bits = [args.bits] * model_shape(exp.model).num_layers
-    result = model_perplexity(weights, spec, bits, store_root(args.results, exp.model.name), scheme, progress=True)
+    result = model_perplexity(weights, spec, bits, store_root(args.results, exp.model.name), scheme, progress=True,
+                              dtype=dtype)
     record = {"model": exp.model.name, "eval": asdict(spec), "scheme": scheme if bits else None,
               "bits_per_layer": bits, "plan": str(args.plan) if args.plan else None, **result.to_dict()}
     print(f"{exp.model.name}: perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "

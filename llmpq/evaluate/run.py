@@ -2,6 +2,12 @@
 
 Where `llmpq generate` has run a method's plan over the workload's prompts file, its measured tokens/s
 (Σ generated tokens / Σ wall time over the `generate_runs` rows) stands beside the plan's prediction.
+
+Comparisons a user can trust (`compare`): each deploy ran the schedule several times, so a method's measured
+tokens/s has a spread (from the slowest and fastest runs of each phase); a ratio to the best baseline whose
+spread overlaps the baseline's is marked within noise; methods whose plans are identical (same stages,
+bits and micro-batches) are reported as identical instead of ranked; and where a run's idle reference
+timing says the machine was loaded (`llmpq.profile.reference`), the ranking is withheld.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow.compute as pc
 
 from .. import paths
 from ..artifacts import provenance, read_table, write_table, write_text
 from ..generate.outputs import runs_path
+from ..profile.load import LOADED_FACTOR, busy_machine, is_loaded
 from . import plots
+from .summary import same_plan
 
 BASELINES = ("pipeedge", "uniform", "adabits")
 
@@ -35,6 +44,21 @@ class MethodResult:
     generate_tok_s: float = math.nan
     generate_predicted_tok_s: float = math.nan
     generate_rel_error: float = math.nan
+    measured_tok_s_min: float = math.nan    # from the slowest run of each phase
+    measured_tok_s_max: float = math.nan    # from the fastest
+    repeats: int = 1
+    load_factor: float = math.nan           # the largest over the run's stages
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A method against the best baseline: the ratio of measured tokens/s, whether the spreads overlap, the method
+    whose plan it repeats (if any), and the text the summary shows."""
+
+    ratio: float
+    within_noise: bool
+    identical_to: str
+    text: str
 
 
 def generate_throughput(rows: list[dict]) -> float:
@@ -53,9 +77,9 @@ def with_generate(result: MethodResult, plan: dict, generate_runs: Path) -> Meth
                    generate_rel_error=rel_error(measured, predicted))
 
 
-def _phase_wall_ms(runs, phase: str) -> float:
+def _phase_wall_ms(runs, phase: str, column: str = "wall_ms") -> float:
     rows = runs.filter(pc.equal(runs["phase"], phase))
-    return float(pc.max(rows["wall_ms"]).as_py()) if rows.num_rows else math.nan
+    return float(pc.max(rows[column]).as_py()) if rows.num_rows else math.nan
 
 
 def rel_error(measured: float, predicted: float) -> float:
@@ -68,7 +92,13 @@ def method_result(method: str, plan: dict, runs, perplexity: float) -> MethodRes
     predicted = plan["predicted"]
     prefill_ms, decode_ms = _phase_wall_ms(runs, "prefill"), _phase_wall_ms(runs, "decode")
     tokens = int(pc.max(runs["tokens"]).as_py())
-    measured = tokens / ((prefill_ms + (0 if math.isnan(decode_ms) else decode_ms)) / 1e3)
+
+    def tok_s(column: str) -> float:
+        decode = _phase_wall_ms(runs, "decode", column)
+        return tokens / ((_phase_wall_ms(runs, "prefill", column) + (0 if math.isnan(decode) else decode)) / 1e3)
+
+    measured = tok_s("wall_ms")
+    factors = [f for f in runs["load_factor"].to_pylist() if f == f]
     return MethodResult(
         method=method,
         measured_tok_s=measured,
@@ -77,6 +107,8 @@ def method_result(method: str, plan: dict, runs, perplexity: float) -> MethodRes
         decode_rel_error=rel_error(decode_ms, 1e3 * predicted["decode_s"]) if predicted["decode_s"] else math.nan,
         perplexity=perplexity,
         omega=float(plan.get("quality", {}).get("omega") or 0.0),
+        measured_tok_s_min=tok_s("wall_ms_max"), measured_tok_s_max=tok_s("wall_ms_min"),
+        repeats=int(pc.min(runs["repeats"]).as_py()), load_factor=max(factors) if factors else math.nan,
     )
 
 
@@ -100,14 +132,85 @@ def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, float]:
     return {r.method: (r.measured_tok_s / best if r.method not in BASELINES and best == best else math.nan) for r in results}
 
 
-def summary_markdown(title: str, results: list[MethodResult], ratios: dict[str, float]) -> str:
-    """A short table a person reads at the end of a run."""
-    lines = [f"### {title}", "", "| method | measured tok/s | predicted tok/s | prefill err | decode err | perplexity | Σω | vs best baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def spreads_overlap(a: MethodResult, b: MethodResult) -> bool:
+    """Whether the measured tokens/s spreads [min, max] of two methods overlap (a spread of one run is a point)."""
+    lo_a, hi_a = _spread(a)
+    lo_b, hi_b = _spread(b)
+    return lo_a <= hi_b and lo_b <= hi_a
+
+
+def _spread(r: MethodResult) -> tuple[float, float]:
+    lo = r.measured_tok_s_min if r.measured_tok_s_min == r.measured_tok_s_min else r.measured_tok_s
+    hi = r.measured_tok_s_max if r.measured_tok_s_max == r.measured_tok_s_max else r.measured_tok_s
+    return lo, hi
+
+
+def machine_loaded(results: list[MethodResult]) -> float | None:
+    """The largest load factor of the runs where any says the machine was loaded, else None."""
+    loaded = [r.load_factor for r in results if is_loaded(r.load_factor)]
+    return max(loaded) if loaded else None
+
+
+def compare(results: list[MethodResult], plans: dict[str, dict]) -> dict[str, Comparison]:
+    """Each method against the best baseline (module docstring): identical plans, overlapping spreads, a loaded
+    machine; a baseline's own row names only a plan identical to another method's."""
+    ratios = ratio_vs_best_baseline(results)
+    baselines = [r for r in results if r.method in BASELINES]
+    best = max(baselines, key=lambda r: r.measured_tok_s, default=None)
+    loaded = machine_loaded(results)
+    out = {}
     for r in results:
+        twins = [o.method for o in results if o.method != r.method and same_plan(plans[r.method], plans[o.method])]
+        if best is not None and best.method in twins:
+            twins.remove(best.method)
+            twins.insert(0, best.method)
         ratio = ratios.get(r.method, math.nan)
-        lines.append(f"| {r.method} | {r.measured_tok_s:.1f} | {r.predicted_tok_s:.1f} | {r.prefill_rel_error:+.1%} | "
-                     f"{r.decode_rel_error:+.1%} | {r.perplexity:.2f} | {r.omega:.3g} | {'' if ratio != ratio else f'{ratio:.2f}x'} |")
+        noise = best is not None and r.method != best.method and spreads_overlap(r, best)
+        if twins:
+            text = f"identical plan to {twins[0]}"
+        elif ratio != ratio:
+            text = ""
+        elif loaded is not None:
+            text = f"withheld: machine loaded (x{loaded:.2f})"
+        else:
+            text = f"{ratio:.2f}x" + (" (within noise)" if noise else "")
+        out[r.method] = Comparison(ratio, noise, twins[0] if twins else "", text)
+    return out
+
+
+def timing_notes(exp, results: Path) -> list[str]:
+    """A line for each profile or link table of the experiment's cluster that was timed on a busy machine (load
+    average above the core count): its predictions carry that load."""
+    from ..artifacts import read_meta
+
+    found = [paths.profile_path(results, d, exp.model.name) for d in exp.cluster.device_stems()]
+    found.append(paths.links_path(results, exp.cluster.name))
+    notes = []
+    for path in (p for p in found if p.is_file()):
+        meta = read_meta(path)
+        if busy_machine(meta):
+            notes.append(f"{path} was timed with load average {float(meta['load_average']):.1f} on "
+                         f"{float(meta['cores']):.0f} cores: its predictions carry that load.")
+    return notes
+
+
+def summary_markdown(title: str, results: list[MethodResult], comparisons: dict[str, Comparison],
+                     notes: Sequence[str] = ()) -> str:
+    """A short table a person reads at the end of a run (and `notes` on how it was timed)."""
+    lines = [f"### {title}", "", "| method | measured tok/s | spread (runs) | predicted tok/s | prefill err | decode err | "
+             "perplexity | Σω | vs best baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lo, hi = _spread(r)
+        lines.append(f"| {r.method} | {r.measured_tok_s:.1f} | {lo:.0f}–{hi:.0f} ({r.repeats}) | {r.predicted_tok_s:.1f} | "
+                     f"{r.prefill_rel_error:+.1%} | {r.decode_rel_error:+.1%} | {r.perplexity:.2f} | {r.omega:.3g} | "
+                     f"{comparisons[r.method].text} |")
+    loaded = machine_loaded(results)
+    if loaded is not None:
+        lines += ["", f"The machine was loaded while these plans ran: a run's idle reference timing took up to "
+                      f"{loaded:.2f}x its profile's (threshold {LOADED_FACTOR:.2f}x), so the ranking is withheld; "
+                      "rerun on a quiet machine."]
+    if notes:
+        lines += ["", *notes]
     jobs = [r for r in results if r.generate_tok_s == r.generate_tok_s]
     if jobs:
         lines += ["", "Batch job on the prompts file (llmpq generate):", "",
@@ -153,8 +256,10 @@ def cli_evaluate(exp, args) -> int:
         print(f"evaluated {method}: {results[-1].measured_tok_s:.1f} tok/s measured, perplexity {ppl:.2f}", flush=True)
     if not results:
         raise FileNotFoundError(f"{plan_dir}: no plan with a matching run to evaluate")
-    ratios = ratio_vs_best_baseline(results)
-    rows = [{**vars(r), "ratio_vs_best_baseline": ratios[r.method]} for r in results]
+    comparisons = compare(results, plans)
+    rows = [{**vars(r), "ratio_vs_best_baseline": comparisons[r.method].ratio,
+             "within_noise": comparisons[r.method].within_noise, "identical_to": comparisons[r.method].identical_to,
+             "comparison": comparisons[r.method].text} for r in results]
     figures = figure_dir(Path(out))
     plots.plot_plans(plans, figures / "plan.png")
     plots.plot_throughput([r.method for r in results], [r.measured_tok_s for r in results],
@@ -162,7 +267,8 @@ def cli_evaluate(exp, args) -> int:
     plots.plot_quality([r.method for r in results], [r.measured_tok_s for r in results],
                        [r.perplexity for r in results], figures / "quality.png")
     _fidelity_figure(exp, args.results, figures / "fidelity.png")
-    text = summary_markdown(f"{model} on {cluster}, workload {workload}", results, ratios)
+    text = summary_markdown(f"{model} on {cluster}, workload {workload}", results, comparisons,
+                            timing_notes(exp, Path(args.results)))
     write_text(text, figures / "summary.md")
     write_table("eval_stages", stage_rows, figures / "stages.parquet", provenance(exp.config_hash))
     write_table("eval", rows, out, provenance(exp.config_hash, extra_methods=sorted(plans)))
@@ -176,10 +282,10 @@ def _plan_perplexity(plan_file: Path, weights: Path, spec, token_ids, results: P
     from .perplexity import model_perplexity, read_plan_bits
 
     plan_bits = read_plan_bits(plan_file)
-    key = (plan_bits.bits, plan_bits.scheme)
+    key = (plan_bits.bits, plan_bits.scheme, plan_bits.dtype)
     if key not in cache:
         cache[key] = model_perplexity(weights, spec, list(plan_bits.bits), paths.quant_root(results, model),
-                                      plan_bits.scheme, token_ids=token_ids).perplexity
+                                      plan_bits.scheme, token_ids=token_ids, dtype=plan_bits.dtype).perplexity
     return cache[key]
 
 

@@ -3,7 +3,8 @@
 Per model × cluster × workload (each `results/eval/{model}/{cluster}/{workload}.parquet`): the comparison table
 (measured and predicted tok/s, errors, perplexity, Σω, the ratio to the baselines), the plan figure, and a
 paragraph that says why the fastest plan is fastest, from the plans themselves: the bits, the partition and the
-micro-batches it chose against the best baseline's. Identical plans are said to be identical, not ranked.
+micro-batches it chose against the best baseline's. Identical plans are said to be identical, not ranked; a
+difference within the spreads of the repeated runs is called noise; runs on a loaded machine are not ranked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from .. import paths
 from ..artifacts import read_table, write_text
+from ..profile.load import is_loaded
 
 BASELINE_METHODS = ("pipeedge", "uniform", "adabits", "uniform-best")
 
@@ -29,7 +31,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (  # (eval column, header, format)
     ("decode_rel_error", "decode error", "{:+.1%}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("omega", "Σω", "{:.3g}"),
-    ("ratio_vs_best_baseline", "vs best baseline", "{:.2f}×"),
+    ("measured_tok_s_min", "slowest run tok/s", "{:,.1f}"),
+    ("measured_tok_s_max", "fastest run tok/s", "{:,.1f}"),
+    ("ratio_vs_best_baseline", "vs best baseline", "{:.2f}×"),   # shown as the row's `comparison` text where it has one
     ("generate_tok_s", "batch job tok/s", "{:,.1f}"),
     ("generate_predicted_tok_s", "batch job predicted", "{:,.1f}"),
 )
@@ -77,6 +81,10 @@ def why_paragraph(plans: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping
     if same_plan(plan, base):
         return (text + f" Its plan is identical to {other['method']}'s: the difference in measured throughput "
                        "is run-to-run noise, not a better plan.")
+    loaded = [r["load_factor"] for r in rows if is_loaded(r.get("load_factor", math.nan))]
+    if loaded:
+        return (text + f" These runs were timed on a loaded machine (idle reference up to {max(loaded):.2f}× the "
+                       "profile's), so no ranking is given: rerun on a quiet machine.")
     ratio = winner["measured_tok_s"] / other["measured_tok_s"] if other["measured_tok_s"] else math.nan
     diffs = []
     if bits_text(plan) != bits_text(base) or [s["bits"] for s in plan["stages"]] != [s["bits"] for s in base["stages"]]:
@@ -88,8 +96,20 @@ def why_paragraph(plans: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping
     quality = ""
     if winner.get("perplexity") == winner.get("perplexity") and other.get("perplexity") == other.get("perplexity"):
         quality = f" Perplexity {winner['perplexity']:.2f} against {other['perplexity']:.2f}."
+    noise = ""
+    if _overlap(winner, other):
+        noise = " Their repeated runs' spreads overlap: the difference is within noise."
     return (text + f" That is {ratio:.2f}× the best baseline, {other['method']} "
-            f"({other['measured_tok_s']:,.1f} tok/s), from which it differs in " + "; ".join(diffs) + "." + quality)
+            f"({other['measured_tok_s']:,.1f} tok/s), from which it differs in " + "; ".join(diffs) + "." + noise
+            + quality)
+
+
+def _overlap(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two rows' measured spreads (slowest to fastest run) overlap; False where a row has none."""
+    lo_a, hi_a, lo_b, hi_b = (x.get(k, math.nan) for x in (a, b) for k in ("measured_tok_s_min", "measured_tok_s_max"))
+    if any(v != v for v in (lo_a, hi_a, lo_b, hi_b)):
+        return False
+    return lo_a <= hi_b and lo_b <= hi_a
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -104,11 +124,14 @@ def _cell(value: Any, fmt: str) -> str:
 def table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison table (columns present in the eval rows, in `COLUMNS` order)."""
     def shown(value: Any) -> bool:
-        return value is not None and not (isinstance(value, float) and math.isnan(value))
+        return value is not None and value != "" and not (isinstance(value, float) and math.isnan(value))
 
-    cols = [c for c in COLUMNS if c[0] == "method" or any(shown(r.get(c[0])) for r in rows)]
+    def value(r: Mapping[str, Any], key: str) -> Any:
+        return r["comparison"] if key == "ratio_vs_best_baseline" and r.get("comparison") else r.get(key)
+
+    cols = [c for c in COLUMNS if c[0] == "method" or any(shown(value(r, c[0])) for r in rows)]
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(k), f)}</td>" for k, _, f in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(value(r, k), f)}</td>" for k, _, f in cols) + "</tr>" for r in rows)
     return f'<table class="result"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 

@@ -36,11 +36,11 @@ from ..data.prompts import PromptsError, TokenizedPrompt
 from ..models.shape import shape_from_config
 from ..models.source import hf_config_dict, model_dir
 from ..runtime.batcher import MODES
-from ..runtime.caps import MemoryCapError, check_caps
+from ..runtime.caps import StageRefusal, check_caps
 from ..runtime.genstage import GenerateJob, GenerateReport, run_generate_stage
 from ..runtime.job import StageSpec
 from ..runtime.launch import (LAUNCHERS, DeployError, DeployOptions, _run, check_plan, cuda_assignment,
-                              launch_command, launch_mode, stage_specs)
+                              launch_command, launch_mode, run_dtype, stage_specs)
 from ..runtime.stage import Placement
 from ..solve.plan import Plan, read_plan
 from .outputs import OutputIdentity, finalize_output, id_key, partial_path, prepare_output, runs_path
@@ -193,7 +193,8 @@ def build_job(exp: Experiment, plan: Plan, specs: list[StageSpec], weights: Path
         prompts=tuple(p.ids for p in todo), ids=tuple(p.id for p in todo), truncated=tuple(p.truncated for p in todo),
         partial=str(partial_path(out).resolve()), total=len(found.prompts), done_before=done_before,
         token_ids=options.token_ids, progress=options.progress, wave_pause_s=options.wave_pause_s,
-        backend="gloo" if specs[0].kind == "cpu" else "nccl", timeout_s=options.timeout_s, verify=options.verify)
+        backend="gloo" if specs[0].kind == "cpu" else "nccl", timeout_s=options.timeout_s, verify=options.verify,
+        dtype=run_dtype(plan, specs))
 
 
 def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: str | Path | None = None,
@@ -282,7 +283,7 @@ def cli_generate(exp: Experiment, args: Any) -> int:
     except PromptsError as exc:
         print(f"llmpq generate: input error: {exc}", file=sys.stderr)
         return 2
-    except MemoryCapError as exc:
+    except StageRefusal as exc:
         print(f"llmpq generate: {exc}", file=sys.stderr)
         return 3
     except DeployError as exc:

@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +41,13 @@ from llmpq.costmodel.memory import (
 )
 from llmpq.models.shape import ModelShape, shape_from_config
 
+from ..config.dtypes import device_dtype
+from ..config.identity import device_mismatch
+from ..runtime.measure import return_freed_memory
+from ..runtime.stage import found_gpu, torch_dtype
+from .load import load_average
+from .reference import reference_ms
+from .stage_loop import hot_and_idle, loop_points
 from .timing import build_parts, embed_call, head_call, layer_call, measure_interleaved, quantize_randomly, torch_threads
 
 QUANT_MODULE = "gptqmodel quantized linears per kernel (see the rows' kernel column); TorchLinear eager"
@@ -103,33 +110,37 @@ def ends_fit(shape: ModelShape, device: DeviceSpec, grid: ProfileGrid) -> bool:
     return need <= capacity_bytes(device)
 
 
-def torch_device(device: DeviceSpec) -> tuple[torch.device, torch.dtype]:
-    """The torch device and 16-bit dtype of a device config; checks a GPU's name against the config's."""
+def torch_device(device: DeviceSpec) -> torch.device:
+    """The torch device of a device config; a GPU must be of the config's type (`llmpq.config.identity`)."""
     if device.kind == "cpu":
-        return torch.device("cpu"), torch.float32
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"device {device.stem} is a GPU but no CUDA device is visible here")
-    found = torch.cuda.get_device_name().replace(" ", "_")
-    if found != device.name:
-        raise ValueError(f"device {device.stem} expects a {device.name} but this machine has a {found}")
-    return torch.device("cuda"), torch.float16
+    problem = device_mismatch(device, found_gpu(torch.cuda.current_device()))
+    if problem is not None:
+        raise ValueError(f"profile on this machine's GPU: {problem}")
+    return torch.device("cuda")
 
 
 def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, quant: QuantSpec, grid: ProfileGrid,
                  bits: Sequence[int] | None = None, progress: bool = True,
-                 kernels: KernelTable | None = None) -> list[dict[str, Any]]:
-    """Time every grid point of the layer (per bit-width and kernel of the device's menu), the embedding and the
-    head: rows of the `profile` table."""
+                 kernels: KernelTable | None = None, dtype: str = "auto", only_kernels: Collection[str] | None = None,
+                 layers_only: bool = False) -> list[dict[str, Any]]:
+    """Time every grid point of the layer (per bit-width and kernel of the device's menu, or of `only_kernels`),
+    the embedding and the head, and the stage's per-step overheads (`llmpq.profile.stage_loop`): rows of the
+    `profile` table. `dtype`: the model config's (`llmpq.config.dtypes`); `layers_only`: the layer alone."""
     shape = shape_from_config(hf_config)
     grid = grid.capped(shape.max_positions)
     menu = kernel_menu(kernels or default_kernel_table(), device, quant, shape)
     bits = tuple(b for b in (bits if bits is not None else device.bits) if b in menu)
-    timed = [(b, k) for b in bits for k in menu[b]]
-    dev, dtype = torch_device(device)
+    timed = [(b, k) for b in bits for k in menu[b] if only_kernels is None or k in only_kernels]
+    dev, dtype = torch_device(device), torch_dtype(device_dtype(dtype, hf_config, device))
+    if device.kind == "cpu":
+        return_freed_memory()  # the allocator settings of a CPU stage process (`llmpq.runtime.measure`)
     # A CPU device's memory is a planning cap on a slice of this machine, not a physical limit: time everything.
     physical = device.kind != "cpu"
     with_layer = not physical or layer_fits(shape, device, quant, grid)
-    with_ends = not physical or ends_fit(shape, device, grid)
+    with_ends = not layers_only and (not physical or ends_fit(shape, device, grid))
     if not with_layer:
         print(f"llmpq profile: one {model} layer does not fit {device.stem}; its latency will use the roofline",
               file=sys.stderr)
@@ -145,7 +156,11 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
     points += [("decode", b, 1, c) for b in grid.batches for c in grid.contexts]
     ends = [("embed", p, b, q) for p, b, q, _ in points if p == "prefill"] + [("embed", "decode", b, 1) for b in grid.batches]
     ends += [("head", p, b, 1) for p in ("prefill", "decode") for b in grid.batches]
+    corners = [(phase, b, q, c) for phase, b, q, c in points
+               if b in (min(grid.batches), max(grid.batches)) and c in _corner_lengths(grid, phase)]
+    overheads = with_layer and with_ends
     total = (len(timed) * len(points) if with_layer else 0) + (len(ends) if with_ends else 0)
+    total += (len(corners) + 2 * len(grid.batches)) if overheads else 0
     with torch_threads(device.threads if device.kind == "cpu" else None), \
             tqdm(total=total, desc=f"profile {model} on {device.stem}", disable=not progress) as bar:
         timing = {"warmup": grid.warmup, "repeats": grid.repeats, "min_time_ms": grid.min_time_ms,
@@ -162,17 +177,42 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
                       else partial(head_call, parts, batch, dev, dtype) for component, _, batch, q in ends]
             for (component, phase, batch, q), t in zip(ends, measure_interleaved(makers, **timing)):
                 rows.append(row(component, 16, DENSE_KERNEL, phase, batch, q, q, t))
+        if overheads:
+            for phase, batch, q, c in corners:
+                hot, idle = hot_and_idle(layer_call(parts, parts.layer, batch, q, c, dev, dtype), dev,
+                                         max(grid.repeats, IDLE_PAIRS), grid.warmup)
+                rows.append(row("layer_hot", 16, DENSE_KERNEL, phase, batch, q, c, hot))
+                rows.append(row("layer_idle", 16, DENSE_KERNEL, phase, batch, q, c, idle))
+                bar.update(1)
+            for p in loop_points(hf_config, parts, grid.batches, min(grid.prompt_lens), dev, dtype, grid.repeats,
+                                 grid.warmup):
+                rows.append(row("loop", 16, DENSE_KERNEL, p.phase, p.batch, p.q_tokens, p.context_len, p.loop))
+                bar.update(1)
     return rows
+
+
+IDLE_PAIRS = 30   # hot/idle call pairs per corner point
+
+
+def _corner_lengths(grid: ProfileGrid, phase: str) -> tuple[int, int]:
+    axis = grid.prompt_lens if phase == "prefill" else grid.contexts
+    return min(axis), max(axis)
 
 
 def profile_to(out: Path, hf_config: Mapping[str, Any], model: str, device: DeviceSpec, quant: QuantSpec,
                grid: ProfileGrid, bits: Sequence[int] | None = None, progress: bool = True,
-               kernels: KernelTable | None = None) -> Path:
-    """Profile and write the `profile` table to `out` (atomic), with the grid and settings in its metadata."""
-    rows = profile_rows(hf_config, model, device, quant, grid, bits, progress, kernels)
+               kernels: KernelTable | None = None, dtype: str = "auto") -> Path:
+    """Profile and write the `profile` table to `out` (atomic), with the grid, the settings and the idle reference
+    timing (`llmpq.profile.reference`, taken after the grid) in its metadata."""
+    rows = profile_rows(hf_config, model, device, quant, grid, bits, progress, kernels, dtype)
+    compute = device_dtype(dtype, hf_config, device)
+    with torch_threads(device.threads if device.kind == "cpu" else None):
+        reference = reference_ms(torch_device(device), torch_dtype(compute) if device.kind != "cpu" else torch.float32)
     settings = {"grid": asdict(grid), "quant": asdict(quant), "threads": device.threads,
-                "dtype_bytes": dtype_bytes(device), "quant_module": QUANT_MODULE}
-    meta = provenance(config_hash({"device": asdict(device), "model": dict(hf_config), **settings}),
+                "dtype_bytes": dtype_bytes(device), "dtype": compute, "quant_module": QUANT_MODULE,
+                "reference_ms": reference, **load_average()}
+    timed = {k: v for k, v in settings.items() if k not in ("reference_ms", "load_average", "cores")}
+    meta = provenance(config_hash({"device": asdict(device), "model": dict(hf_config), **timed}),
                       device=device.stem, **settings)
     return write_table("profile", rows, out, meta)
 
@@ -188,6 +228,6 @@ def cli_profile(exp, args) -> int:
     grid = ProfileGrid.from_config(exp.raw.get("profile"))
     out = args.out or paths.profile_path(args.results, device.stem, exp.model.name)
     path = profile_to(Path(out), hf_config_dict(exp.model), exp.model.name, device, exp.model.quant, grid,
-                      kernels=exp.kernels)
+                      kernels=exp.kernels, dtype=exp.model.dtype)
     print(f"wrote {path}")
     return 0

@@ -24,6 +24,10 @@ class StageRefusal(ValueError):
     """A stage that must not start: its plan asks for what its device cannot give (checked before loading)."""
 
 
+class DeviceMismatch(StageRefusal):
+    """A stage's GPU is not of the planned type, or there is none (checked before loading)."""
+
+
 class MemoryCapError(StageRefusal):
     """A stage's planned memory exceeds its device's memory cap."""
 

@@ -6,8 +6,19 @@ two stages: a decode round of 2 × 0.4 ms took 2.0 ms with one group and 1.0 ms 
 tagged with its step's index, so a receive can be posted early and still match the right message. Sends
 are asynchronous; their buffers stay alive until they complete, and at most `POSTED_MESSAGES` (2) are in
 flight per direction: a third waits for the oldest (the memory model counts exactly these buffers,
-`llmpq.costmodel.memory.buffers_bytes`). The time a stage spends blocked on either end is its wait time. Failures surface as exceptions: a peer that dies closes the connection, one
-that stops answering makes the wait time out after the process group's timeout.
+`llmpq.costmodel.memory.buffers_bytes`). The time a stage spends blocked on either end is its wait time.
+
+Start-up (`Ring.connect`): NCCL creates the communicator of a pair of ranks in a group lazily, at their first
+message, and both ranks block until the other joins. A stage that posts a receive on one group while its peer
+posts on another would wait forever, so before the schedule every rank takes part in one small exchange per
+ring edge, both directions, in one global order (`startup_exchanges`: the edges leaving stage 0, then those
+leaving stage 1, ... , the return edge last). Every rank follows that order restricted to its own edges, so
+the earliest unfinished exchange always has both of its ranks waiting on it: the start-up cannot deadlock.
+Afterwards every communicator exists and receives may be posted ahead in any order.
+
+Every wait (start-up included) passes the process group's timeout to `Work.wait`, which bounds it on NCCL as
+on gloo (with a timeout NCCL blocks the host until the transfer is done, so the wait clock sees the transfer).
+A peer that dies closes the connection; one that stops answering makes the wait time out.
 """
 
 from __future__ import annotations
@@ -15,13 +26,84 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..costmodel.memory import POSTED_MESSAGES
 from .measure import StageClock
+
+CONNECT_TAG = 1 << 24   # start-up exchanges; step messages are tagged with step indices, far below
+CHAIN, RETURN = "chain", "return"   # a group's edges: j -> j + 1 for every stage but the last; last -> first
+
+
+class Work(Protocol):
+    def wait(self, timeout: timedelta = ...) -> Any: ...
+
+    def is_completed(self) -> bool: ...
+
+
+class P2P(Protocol):
+    """What a ring needs of torch.distributed (a fake in the tests records and checks the order of calls)."""
+
+    def new_group(self, ranks: list[int], timeout: timedelta) -> Any: ...
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int, group: Any) -> Work: ...
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int, group: Any) -> Work: ...
+
+    def barrier(self, device: torch.device) -> None: ...
+
+
+class TorchP2P:
+    """`P2P` over torch.distributed (the default process group must be initialised)."""
+
+    def new_group(self, ranks: list[int], timeout: timedelta) -> Any:
+        import torch.distributed as dist
+
+        return dist.new_group(ranks, timeout=timeout)
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int, group: Any) -> Work:
+        import torch.distributed as dist
+
+        return dist.isend(tensor, dst=dst, tag=tag, group=group)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int, group: Any) -> Work:
+        import torch.distributed as dist
+
+        return dist.irecv(tensor, src=src, tag=tag, group=group)
+
+    def barrier(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One start-up exchange on `group`: `a` sends to `b`, then `b` sends to `a` (one element each way)."""
+
+    group: str
+    a: int
+    b: int
+
+
+def startup_exchanges(world: int, links: Sequence[tuple[str, str]]) -> list[Exchange]:
+    """Every ring edge of every group, in pipeline order: the edges leaving stage 0 (in `links` order), then stage
+    1's, ..., the last stage's return edges. `links`: (group, CHAIN | RETURN). Empty for one stage."""
+    if world < 2:
+        return []
+    out = []
+    for j in range(world):
+        for group, kind in links:
+            if kind == CHAIN and j < world - 1:
+                out.append(Exchange(group, j, j + 1))
+            elif kind == RETURN and j == world - 1:
+                out.append(Exchange(group, j, 0))
+    return out
 
 
 @dataclass
@@ -35,29 +117,50 @@ class Pending:
 class Ring:
     """One rank's links in the ring of `world` stages (rank j runs stage j; the process group is initialised).
 
-    `timeout` bounds every wait on a peer (new groups do not inherit the default group's timeout).
+    `timeout` bounds every wait on a peer (new groups do not inherit the default group's timeout). Call
+    `connect()` before posting anything.
     """
 
-    def __init__(self, rank: int, world: int, clock: StageClock, device: torch.device, timeout: timedelta):
-        self.rank, self.world, self.clock, self.device = rank, world, clock, device
-        self.forward = dist.new_group(list(range(world)), timeout=timeout)
-        self.back = dist.new_group(list(range(world)), timeout=timeout)
+    LINKS: tuple[tuple[str, str], ...] = (("forward", CHAIN), ("back", RETURN))
+
+    def __init__(self, rank: int, world: int, clock: StageClock, device: torch.device, timeout: timedelta,
+                 p2p: P2P | None = None):
+        self.rank, self.world, self.clock, self.device, self.timeout = rank, world, clock, device, timeout
+        self.p2p: P2P = p2p or TorchP2P()
+        self.groups = {name: self.p2p.new_group(list(range(world)), timeout) for name, _ in self.LINKS}
+        self.forward, self.back = self.groups["forward"], self.groups["back"]
         self._sends: deque[tuple[Any, torch.Tensor]] = deque()
+
+    def connect(self, exchanges: Sequence[Exchange] | None = None) -> None:
+        """This rank's start-up exchanges, in the global order (module docstring; `exchanges` replaces that order, for
+        tests of what another order would do); each wait bounded by the timeout."""
+        buffer = torch.zeros(1, dtype=torch.long, device=self.device)
+        for ex in startup_exchanges(self.world, self.LINKS) if exchanges is None else exchanges:
+            if self.rank not in (ex.a, ex.b):
+                continue
+            group, peer = self.groups[ex.group], ex.b if self.rank == ex.a else ex.a
+            order = ("send", "recv") if self.rank == ex.a else ("recv", "send")
+            for op in order:
+                if op == "send":
+                    work = self.p2p.isend(buffer, peer, CONNECT_TAG, group)
+                else:
+                    work = self.p2p.irecv(buffer, peer, CONNECT_TAG, group)
+                work.wait(self.timeout)
 
     def _post(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, group: Any) -> Pending:
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        return Pending(dist.irecv(buffer, src=src, tag=tag, group=group), buffer)
+        return Pending(self.p2p.irecv(buffer, src, tag, group), buffer)
 
     def _send(self, tensor: torch.Tensor, dst: int, tag: int, group: Any, phase: str) -> None:
         """Start a send; with `POSTED_MESSAGES` already in flight, first wait (wait time) for the oldest."""
         while self._sends and self._sends[0][0].is_completed():
-            self._sends.popleft()[0].wait()
+            self._sends.popleft()[0].wait(self.timeout)
         if len(self._sends) >= POSTED_MESSAGES:
             with self.clock.wait(phase):
                 while len(self._sends) >= POSTED_MESSAGES:
-                    self._sends.popleft()[0].wait()
+                    self._sends.popleft()[0].wait(self.timeout)
         tensor = tensor.contiguous()
-        self._sends.append((dist.isend(tensor, dst=dst, tag=tag, group=group), tensor))
+        self._sends.append((self.p2p.isend(tensor, dst, tag, group), tensor))
 
     def post_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, tag: int) -> Pending:
         """Receive hidden states from the previous stage."""
@@ -75,18 +178,18 @@ class Ring:
         """Send token ids to the first stage (last stage)."""
         self._send(ids, 0, tag, self.back, phase)
 
-    def wait(self, pending: Pending, phase: str) -> torch.Tensor:
+    def wait(self, pending: Pending, phase: str | None) -> torch.Tensor:
+        """The buffer of a posted receive once it has arrived; the time blocked counts as `phase`'s wait time
+        (none for `phase=None`)."""
         with self.clock.wait(phase):
-            pending.work.wait()
+            pending.work.wait(self.timeout)
         return pending.buffer
 
     def drain(self, phase: str) -> None:
         with self.clock.wait(phase):
             while self._sends:
-                self._sends.popleft()[0].wait()
+                self._sends.popleft()[0].wait(self.timeout)
 
     def barrier(self) -> None:
-        if self.device.type == "cuda":
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        self.p2p.barrier(self.device)
+        self.clock.sync()

@@ -17,17 +17,13 @@ ignores tags, and the step receives are posted ahead of any payload.
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from datetime import timedelta
 from typing import Callable
 
 import torch
 
 from .batcher import Batcher, Finished
-import torch.distributed as dist
-
-from .comm import Pending, Ring
+from .comm import CHAIN, Pending, Ring
 from .kvcache import StageKVCache
 from .measure import StageClock
 from .parts import StageModel
@@ -37,18 +33,16 @@ from .wire import KINDS, PHASE_OF, STOP, Wire
 
 class GenerateRing(Ring):
     """The ring of a batch job: the deploy ring's two groups (steps forward, token ids back) and a third for
-    the prefill payloads that follow their step messages."""
+    the prefill payloads that follow their step messages (created and connected like the others)."""
 
-    def __init__(self, rank: int, world: int, clock: StageClock, device: torch.device, timeout: timedelta):
-        super().__init__(rank, world, clock, device, timeout)
-        self.payloads = dist.new_group(list(range(world)), timeout=timeout)
+    LINKS = (*Ring.LINKS, ("payloads", CHAIN))
 
     def post_payload(self, nbytes: int, tag: int) -> Pending:
         """Receive a step's prefill hidden states (bytes) from the previous stage."""
-        return self._post((nbytes,), torch.uint8, self.rank - 1, tag, self.payloads)
+        return self._post((nbytes,), torch.uint8, self.rank - 1, tag, self.groups["payloads"])
 
     def send_payload(self, payload: torch.Tensor, tag: int, phase: str) -> None:
-        self._send(payload, self.rank + 1, tag, self.payloads, phase)
+        self._send(payload, self.rank + 1, tag, self.groups["payloads"], phase)
 
 
 def window_size(batch: int, b_p: int, b_d: int) -> int:
@@ -78,17 +72,16 @@ class GenerateLoop:
         return hidden, ids
 
     def _wait(self, pending: Pending, phase: str | None = None) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        pending.work.wait()
-        waited = (time.perf_counter() - start) * 1e3
-        if phase is not None:
-            self.clock.phases[phase].wait_ms += waited
-        return pending.buffer, waited
+        """The received buffer and the time blocked (ms; counted as `phase`'s wait time unless None)."""
+        assert self.ring is not None
+        with self.clock.wait(phase) as lap:
+            pending.work.wait(self.ring.timeout)
+        return pending.buffer, lap.ms
 
     def _send_step(self, kind: int, index: int, layout: RowLayout | None, hidden: torch.Tensor | None) -> None:
         assert self.ring is not None
+        phase = PHASE_OF.get(kind, "decode")  # a stop message's (rare) hold-up counts as decode wait
         message, payload = self.wire.encode(kind, index, layout, hidden, self.model.device)
-        phase = PHASE_OF.get(kind, "decode")  # a stop message's (rare) wait counts as decode
         self.ring.send_hidden(message, index, phase)
         if payload is not None:
             self.ring.send_payload(payload, index, phase)
@@ -140,7 +133,7 @@ class GenerateLoop:
                     self._wait(rest)
                 break
             phase = PHASE_OF[header.kind]
-            self.clock.phases[phase].wait_ms += waited
+            self.clock.add_wait(phase, waited)
             if header.inline:
                 hidden = wire.inline_hidden(message, header)
             else:

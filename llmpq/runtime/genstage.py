@@ -26,13 +26,13 @@ from ..generate.outputs import CompletionWriter, completion_line
 from ..generate.progress import Progress
 from ..profile.timing import torch_threads
 from .batcher import Batcher, Finished
-from .caps import MemoryCapError, cap_violation
+from .caps import MemoryCapError, StageRefusal, cap_violation
 from .genloop import GenerateLoop, GenerateRing, window_size
 from .job import StageSpec
 from .kvcache import StageKVCache, cache_shape
-from .measure import StageClock, memory_stats
+from .measure import StageClock, StageMemorySampler
 from .parts import load_stage
-from .stage import CAP_EXIT_CODE, Placement, _init_process_group, placement_from_env, torch_device
+from .stage import CAP_EXIT_CODE, Placement, _init_process_group, placement_from_env, torch_device, torch_dtype
 from .wire import Wire
 
 
@@ -67,6 +67,7 @@ class GenerateJob:
     backend: str = "gloo"
     timeout_s: float = 60.0
     verify: bool = True
+    dtype: str = "float32"            # compute dtype of every stage (`llmpq.config.dtypes`)
 
     @property
     def sequences(self) -> int:
@@ -146,9 +147,10 @@ def run_generate_stage(job: GenerateJob, place: Placement, init_dist: bool = Tru
     problem = cap_violation(spec)
     if problem is not None:
         raise MemoryCapError(problem)
-    device, dtype = torch_device(spec, place.local_rank)
+    device, dtype = torch_device(spec, place.local_rank), torch_dtype(job.dtype)
     last = spec.index == len(job.stages) - 1
     with torch_threads(spec.threads), torch.inference_mode():
+        sampler = StageMemorySampler(device).start()
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=last, device=device, dtype=dtype, verify=job.verify, kernels=spec.kernel_map)
         cache = StageKVCache(cache_shape(model.config, spec.start, spec.end - spec.start, job.sequences, job.max_len),
@@ -159,6 +161,7 @@ def run_generate_stage(job: GenerateJob, place: Placement, init_dist: bool = Tru
             if init_dist:
                 _init_process_group(job, place, device)  # type: ignore[arg-type]
             ring = GenerateRing(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
+            ring.connect()
         wire = Wire(max(job.micro_batch_prefill, job.micro_batch_decode), model.hidden, dtype,
                     exact=job.backend == "nccl")
         loop = GenerateLoop(model, cache, clock, wire, ring,
@@ -179,7 +182,7 @@ def run_generate_stage(job: GenerateJob, place: Placement, init_dist: bool = Tru
                       "wall_s": time.perf_counter() - start}
         else:
             loop.run_relay()
-    memory = memory_stats(device, model.weight_bytes(), cache.nbytes)
+        memory = sampler.stop(model.weight_bytes(), cache.nbytes)
     return GenerateReport(place.rank, spec.device, platform.node(), loop.steps, clock.to_dict(), asdict(memory),
                           **counts)
 
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     where += f" ({job.stages[place.rank].device})"
     try:
         report = run_generate_stage(job, place)
-    except MemoryCapError as exc:
+    except StageRefusal as exc:
         print(f"{where}: {exc}", file=sys.stderr, flush=True)
         return CAP_EXIT_CODE
     except Exception as exc:

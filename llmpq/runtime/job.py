@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..artifacts import write_text
+from ..config.identity import GpuIdentity
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ class StageSpec:
     component: int | None = None        # under a plan's SLURM job: its component, and what that component holds
     slurm_gres: str | None = None       # GRES without count (gpu:t4)
     slurm_partition: str | None = None
+    name_pattern: str | None = None     # a GPU's identity: name pattern and memory (`llmpq.config.identity`)
+    memory_gib: float | None = None
+    reference_ms: float | None = None   # the device profile's idle reference timing (`llmpq.profile.reference`)
+
+    @property
+    def identity(self) -> GpuIdentity | None:
+        """What the stage's GPU must be (None on a CPU)."""
+        if self.kind == "cpu":
+            return None
+        return GpuIdentity(self.device, self.device_name, self.name_pattern, float(self.memory_gib or 0.0))
 
     @property
     def kernel_map(self) -> dict[int, str]:
@@ -77,6 +88,8 @@ class RunJob:
     warmup: bool = True
     kernel_needs: tuple[KernelNeeds, ...] = ()
     task_stages: tuple[int, ...] = ()   # under a plan's SLURM job: the stage of each task rank (SLURM_PROCID)
+    dtype: str = "float32"      # compute dtype of every stage (`llmpq.config.dtypes`)
+    repeats: int = 3            # timed runs of the whole schedule (prefill and decode), after the warm-up
 
     @property
     def batch(self) -> int:

@@ -33,14 +33,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import paths
-from ..artifacts import provenance, write_table
+from ..artifacts import provenance, read_meta, write_table
+from ..config.identity import FoundDevice, identity_mismatch
 from ..config import Experiment
 from ..generate.planning import planning_experiment
 from ..slurm.hetjob import SlurmJob
 from ..slurm.rendezvous import first_slurm_node, free_port
 from ..slurm.submit import SubmitError
+from ..profile.load import is_loaded, load_average
 from ..solve.plan import Plan, read_plan
-from .caps import StageRefusal, check_caps, planned_memory
+from .caps import DeviceMismatch, StageRefusal, check_caps, planned_memory
 from .job import RunJob, StageSpec
 from .kernel_check import KernelUnavailable, kernel_needs, plan_kernel_problems
 from .report import run_rows, sidecar, tokens_path, write_sidecar
@@ -65,7 +67,9 @@ class DeployOptions:
     record_logits: also keep the logits of the first and last generated tokens (in the tokens sidecar).
     fault: a test hook, RANK:ROUND:exit|hang (`llmpq.runtime.schedule.Fault`).
     verify: check every layer file's sha256 against its store's manifest before loading it.
-    warmup: run untimed calls per phase and micro-batch size on each stage before the clocks start.
+    warmup: run untimed calls of every step shape on each stage before the clocks start.
+    repeats: timed runs of the whole schedule in the same stage processes (>= 1; the runs table keeps the median,
+    min and max of each phase).
     """
 
     timeout_s: float = 60.0
@@ -75,8 +79,11 @@ class DeployOptions:
     fault: str | None = None
     verify: bool = True
     warmup: bool = True
+    repeats: int = 3
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"deploy.repeats: must be >= 1, got {self.repeats}")
         if self.timeout_s <= 0:
             raise ValueError(f"deploy.timeout_s: must be > 0, got {self.timeout_s}")
         if self.launcher not in LAUNCHERS:
@@ -92,7 +99,7 @@ class DeployOptions:
         if unknown:
             raise ValueError(f"deploy: unknown keys {unknown} (known: {sorted(known)})")
         casts = {"timeout_s": float, "seed": int, "launcher": str, "record_logits": bool, "verify": bool,
-                 "warmup": bool, "fault": lambda v: None if v is None else str(v)}
+                 "warmup": bool, "repeats": int, "fault": lambda v: None if v is None else str(v)}
         return DeployOptions(**{k: casts[k](v) for k, v in raw.items()})
 
 
@@ -126,28 +133,44 @@ def check_plan(exp: Experiment, plan: Plan, num_layers: int, max_positions: int,
         raise ValueError(f"{where}: plan mixes CPU and GPU stages, which one process group cannot connect")
 
 
-def cuda_assignment(specs: Sequence[StageSpec]) -> list[int | None]:
-    """For a one-node GPU run: each stage's CUDA index, the first unused device with the stage's GPU name."""
+def cuda_assignment(specs: Sequence[StageSpec], found: Sequence[FoundDevice] | None = None) -> list[int | None]:
+    """For a one-node GPU run: each stage's CUDA index, the first unused GPU of the stage's planned type (name
+    pattern and memory, `llmpq.config.identity`); `found`: the GPUs here (default: asked of CUDA). DeviceMismatch
+    names the stage, its planned device and the free GPUs, before anything is loaded."""
     if all(s.kind == "cpu" for s in specs):
         return [None] * len(specs)
-    import torch
+    if found is None:
+        import torch
 
-    names = [torch.cuda.get_device_name(i).replace(" ", "_") for i in range(torch.cuda.device_count())]
-    free = list(range(len(names)))
+        from .stage import found_gpu
+
+        found = [found_gpu(i) for i in range(torch.cuda.device_count())]
+    free = list(range(len(found)))
     out: list[int | None] = []
     for s in specs:
-        match = next((i for i in free if names[i] == s.device_name), None)
+        assert s.identity is not None
+        match = next((i for i in free if identity_mismatch(s.identity, found[i]) is None), None)
         if match is None:
-            raise ValueError(f"stage {s.index} needs a {s.device_name} ({s.device}); free GPUs here: "
-                             f"{[names[i] for i in free] or 'none'}")
+            raise DeviceMismatch(f"stage {s.index} needs a {s.device} ({s.device_name}); free GPUs here: "
+                                 f"{[found[i].describe() for i in free] or 'none'}")
         free.remove(match)
         out.append(match)
     return out
 
 
-def stage_specs(exp: Experiment, plan: Plan, shape: Any) -> list[StageSpec]:
-    """Every stage of the plan with its device, weight kernels and planned memory; KernelUnavailable naming every
-    stage whose planned kernel its device cannot run."""
+def profiled_reference_ms(results: Path, device: str, model: str) -> float | None:
+    """The idle reference timing recorded with the device's profile of the model (None without one)."""
+    path = paths.profile_path(results, device, model)
+    if not path.is_file():
+        return None
+    value = read_meta(path).get("reference_ms")
+    return float(value) if value else None
+
+
+def stage_specs(exp: Experiment, plan: Plan, shape: Any, results: Path | None = None) -> list[StageSpec]:
+    """Every stage of the plan with its device (and its identity), weight kernels, planned memory and its profile's
+    reference timing (from `results`); KernelUnavailable naming every stage whose planned kernel its device
+    cannot run."""
     problems = plan_kernel_problems(exp, plan, shape)
     if problems:
         raise KernelUnavailable("refusing to deploy: " + "; ".join(problems))
@@ -158,7 +181,9 @@ def stage_specs(exp: Experiment, plan: Plan, shape: Any) -> list[StageSpec]:
         cap = int(dev.memory_cap_gib * 1024**3) if dev.kind == "cpu" and dev.memory_cap_gib is not None else None
         specs.append(StageSpec(j, s.device, s.node, dev.kind, dev.name, dev.threads, s.start, s.end, s.bits,
                                mem.weights_bytes, mem.kv_bytes, mem.total_bytes, mem.capacity_bytes, cap,
-                               kernels=s.kernels))
+                               kernels=s.kernels, name_pattern=dev.name_pattern, memory_gib=dev.memory_gib,
+                               reference_ms=profiled_reference_ms(results, s.device, exp.model.name)
+                               if results is not None else None))
     return specs
 
 
@@ -248,7 +273,16 @@ def build_job(exp: Experiment, plan: Plan, specs: Sequence[StageSpec], weights: 
         micro_batch_decode=plan.micro_batch_decode, stages=tuple(specs), workdir=str(workdir.resolve()),
         backend="gloo" if specs[0].kind == "cpu" else "nccl", timeout_s=options.timeout_s,
         record_logits=options.record_logits, fault=options.fault, verify=options.verify, warmup=options.warmup,
-        kernel_needs=kernel_needs(exp.kernels, (k for s in specs for _, k in s.kernels)))
+        kernel_needs=kernel_needs(exp.kernels, (k for s in specs for _, k in s.kernels)),
+        dtype=run_dtype(plan, specs), repeats=options.repeats)
+
+
+def run_dtype(plan: Plan, specs: Sequence[StageSpec]) -> str:
+    """The plan's dtype; for a plan that records none, what the runtime computed in before: float32 on CPUs,
+    float16 on GPUs."""
+    if plan.dtype is not None:
+        return plan.dtype
+    return "float32" if specs[0].kind == "cpu" else "float16"
 
 
 def run_job(job: RunJob, mode: str, slurm_job: SlurmJob | None = None) -> list[StageReport]:
@@ -291,9 +325,10 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
                                 "with weights")
     shape = shape_from_config(hf_config_dict(exp.model))
     check_plan(exp, plan, shape.num_layers, shape.max_positions, str(plan_path))
-    specs = stage_specs(exp, plan, shape)
+    specs = stage_specs(exp, plan, shape, Path(results))
     check_caps(specs)
     _remove_outputs(out)
+    started_load = load_average()
     mode = launch_mode(len(specs), options, os.environ)
     slurm_job = None
     if mode == "torchrun":
@@ -311,7 +346,7 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
     rows, data = run_rows(job, plan, reports), sidecar(job, reports)
     write_sidecar(data, out)
     meta = provenance(exp.config_hash, device=",".join(s.device for s in specs), plan=str(plan_path), launcher=mode,
-                      options=vars(options))
+                      options=vars(options), **started_load)
     write_table("runs", rows, out, meta)
     return DeployResult(out, rows, data)
 
@@ -321,9 +356,14 @@ def summary(result: DeployResult) -> str:
     by_phase = {r["phase"]: r for r in result.rows}
     p, d = by_phase["prefill"], by_phase["decode"]
     first = result.rows[0]
+    factors = [r["load_factor"] for r in result.rows if r["load_factor"] == r["load_factor"]]
+    loaded = max(factors, default=float("nan"))
+    note = (f"; machine loaded: idle reference {loaded:.2f}x the profile's, timings not comparable"
+            if is_loaded(loaded) else "")
     return (f"{result.out}: {len(result.rows) // 2} stage(s), prefill {p['wall_ms']:.1f} ms "
-            f"(predicted {p['predicted_ms']:.1f}), decode {d['wall_ms']:.1f} ms (predicted {d['predicted_ms']:.1f}), "
-            f"{first['throughput_tok_s']:.1f} tok/s (predicted {first['predicted_throughput_tok_s']:.1f})")
+            f"[{p['wall_ms_min']:.1f}-{p['wall_ms_max']:.1f}] (predicted {p['predicted_ms']:.1f}), decode "
+            f"{d['wall_ms']:.1f} ms [{d['wall_ms_min']:.1f}-{d['wall_ms_max']:.1f}] (predicted {d['predicted_ms']:.1f}), "
+            f"{first['throughput_tok_s']:.1f} tok/s (predicted {first['predicted_throughput_tok_s']:.1f}){note}")
 
 
 def cli_deploy(exp: Experiment, args: Any) -> int:

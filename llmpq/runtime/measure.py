@@ -1,10 +1,10 @@
 """What one stage process measures: compute and wait time per phase, phase wall time, memory.
 
-Clocks: `time.perf_counter` (monotonic). On a GPU the compute block synchronises the device before it
-is read, so compute time is device time and not launch time. Memory: CUDA max allocated on a GPU; on
-a CPU the bytes of the tensors the stage holds (weights, KV cache), the process's peak RSS, and the
-stage's RSS growth: the peak of RSS sampled every few ms from just before the stage loads anything
-until its run ends, over the RSS at that start (`RssSampler`).
+Clocks: `time.perf_counter` (monotonic); on a GPU every clock synchronises before it is read (`StageClock`).
+Memory is measured, from just before the stage loads anything to the end of its run (`StageMemorySampler`): on a CPU the stage's RSS growth (the peak of RSS sampled every few ms over the RSS at the start,
+`RssSampler`); on a GPU the CUDA allocator's peak over its allocated bytes at the start and the growth of
+the device's used memory (`mem_get_info`). Beside them: the bytes of the tensors the stage holds (weights,
+KV cache) and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -34,32 +34,86 @@ class PhaseStats:
 
 
 @dataclass
+class Lap:
+    """The length of one timed block (ms), set when the block ends."""
+
+    ms: float = 0.0
+
+
+@dataclass
 class StageClock:
-    """Accumulates `PhaseStats` per phase for one stage process."""
+    """Accumulates `PhaseStats` per phase for one stage process.
+
+    Inside a phase every moment is either wait or compute: a `wait` block is the time blocked on a peer; all
+    the rest is the stage's own work (its steps, sampling, posting and starting messages, the loop between
+    them), counted as compute from the end of the previous block, so compute + wait = the phase's wall time.
+    A wait inside a compute block (a send held back by its peer) is taken out of that block. On a GPU the
+    clocks synchronise before they are read: a compute block with the device (device time, not launch time),
+    a wait with the current stream (the transfer, not its launch), a phase's wall clock with the device (the
+    drain).
+    """
 
     device: torch.device
     phases: dict[str, PhaseStats] = field(default_factory=lambda: {p: PhaseStats() for p in PHASES})
+    _nested_ms: float | None = field(default=None, repr=False)   # waits inside the open compute block
+    _mark: float | None = field(default=None, repr=False)        # end of the last block of the open phase
+
+    def sync(self) -> None:
+        """Wait for everything queued on the device (GPU only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _sync_stream(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     @contextmanager
     def compute(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.phases[phase].compute_ms += (time.perf_counter() - start) * 1e3
+        """One step of the stage's own work (counted in `steps`)."""
+        start, outer = time.perf_counter(), self._nested_ms
+        self._nested_ms = 0.0
+        try:
+            yield
+            self.sync()
+        finally:
+            nested, self._nested_ms = self._nested_ms, outer
+        end = time.perf_counter()
+        begin = self._mark if self._mark is not None else start
+        self.phases[phase].compute_ms += (end - begin) * 1e3 - nested
         self.phases[phase].steps += 1
+        self._mark = end if self._mark is not None else None
 
     @contextmanager
-    def wait(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.phases[phase].wait_ms += (time.perf_counter() - start) * 1e3
+    def wait(self, phase: str | None) -> Iterator[Lap]:
+        """Time blocked on a peer; counted as `phase`'s wait time (not at all for None; see `add_wait`)."""
+        lap, start = Lap(), time.perf_counter()
+        yield lap
+        self._sync_stream()
+        end = time.perf_counter()
+        lap.ms = (end - start) * 1e3
+        if phase is not None:
+            self.phases[phase].wait_ms += lap.ms
+        if self._nested_ms is not None:
+            self._nested_ms += lap.ms
+        elif self._mark is not None and phase is not None:
+            self.phases[phase].compute_ms += (start - self._mark) * 1e3
+            self._mark = end
+
+    def add_wait(self, phase: str, ms: float) -> None:
+        """Count a wait timed before its phase was known."""
+        self.phases[phase].wait_ms += ms
 
     @contextmanager
     def phase(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.phases[phase].wall_ms = (time.perf_counter() - start) * 1e3
+        start = self._mark = time.perf_counter()
+        try:
+            yield
+            self.sync()
+            end = time.perf_counter()
+            self.phases[phase].compute_ms += (end - self._mark) * 1e3
+            self.phases[phase].wall_ms = (end - start) * 1e3
+        finally:
+            self._mark = None
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {p: asdict(s) for p, s in self.phases.items()}
@@ -67,13 +121,15 @@ class StageClock:
 
 @dataclass(frozen=True)
 class MemoryStats:
-    """Memory of one stage process (bytes)."""
+    """Memory of one stage process (bytes); the peaks are growth over the stage's baseline just before it loaded
+    anything (what the memory model predicts)."""
 
     weights_bytes: int         # parameters and buffers of the stage's modules
     kv_bytes: int              # the preallocated KV cache
-    peak_memory_bytes: int     # CUDA max allocated on a GPU; weights + KV on a CPU
+    peak_memory_bytes: int     # measured peak: RSS growth on a CPU, CUDA allocator peak growth on a GPU
     rss_bytes: int             # peak resident set size of the process
     rss_growth_bytes: int = 0  # peak RSS from just before loading to the end of the run, over the RSS then
+    device_used_bytes: int = 0  # GPU: growth of the device's used memory (mem_get_info: allocator cache, libraries)
 
 
 MMAP_THRESHOLD_BYTES = 64 * 1024
@@ -163,8 +219,47 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def memory_stats(device: torch.device, weights_bytes: int, kv_bytes: int, rss_growth_bytes: int = 0) -> MemoryStats:
-    """The stage's memory now that it has run."""
-    held = weights_bytes + kv_bytes
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else held
-    return MemoryStats(weights_bytes, kv_bytes, int(peak), peak_rss_bytes(), int(rss_growth_bytes))
+class DeviceMemorySampler:
+    """A GPU stage's memory from just before it loads anything: the CUDA allocator's peak over its allocated
+    bytes then (`torch.cuda.max_memory_allocated`, peak statistics reset at `start()`) and the growth of the
+    device's used memory (`torch.cuda.mem_get_info`: what the allocator holds, library handles and their
+    workspaces, communicator buffers)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.allocated_bytes = self.free_bytes = 0
+
+    def start(self) -> "DeviceMemorySampler":
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.allocated_bytes = torch.cuda.memory_allocated(self.device)
+        self.free_bytes = torch.cuda.mem_get_info(self.device)[0]
+        return self
+
+    def stop(self) -> tuple[int, int]:
+        """(allocator peak growth, device used growth) in bytes."""
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self.allocated_bytes
+        used = self.free_bytes - torch.cuda.mem_get_info(self.device)[0]
+        return max(0, int(peak)), max(0, int(used))
+
+
+class StageMemorySampler:
+    """What a stage measures of its memory from `start()` (just before loading) to `stop()` (the run's end): RSS
+    growth always (`RssSampler`), and on a GPU the allocator and device figures (`DeviceMemorySampler`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rss = RssSampler()
+        self.gpu = DeviceMemorySampler(device) if device.type == "cuda" else None
+
+    def start(self) -> "StageMemorySampler":
+        self.rss.start()
+        if self.gpu is not None:
+            self.gpu.start()
+        return self
+
+    def stop(self, weights_bytes: int, kv_bytes: int) -> MemoryStats:
+        rss_growth = self.rss.stop()
+        peak, used = self.gpu.stop() if self.gpu is not None else (rss_growth, 0)
+        return MemoryStats(weights_bytes, kv_bytes, peak, peak_rss_bytes(), rss_growth, used)

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..models.shape import shape_from_config
+from ..models.shape import decoder_layers, shape_from_config
 from ..quantize.checkpoint import read_tensors
 from ..config.kernels import DENSE_KERNEL
 from ..quantize.gptq_layout import ExllamaScratch, exllama_scratch_bytes, qlinear_class
@@ -206,6 +206,15 @@ class StageModel:
             if module is not None:
                 x = module(x)
         return x[:, -1].float()
+
+
+def whole_model_stage(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> StageModel:
+    """A one-stage `StageModel` over a causal LM already on `device` (all its decoder layers, embedding and head):
+    the profiler runs the stage loop with it (`llmpq.profile.stage_loop`)."""
+    family = family_of(model.config)
+    ends = {p: m for p in family.embed + family.head if (m := _submodule(model, p)) is not None}
+    rotary = _submodule(model, family.rotary) if family.rotary is not None else None
+    return StageModel(model.config, 0, decoder_layers(model), ends, rotary, device, dtype, first=True, last=True)
 
 
 def prepare_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, bits: Sequence[int],

@@ -1,12 +1,18 @@
 """The `runs` table of a deployed plan (one row per stage and phase, measured beside predicted) and its sidecar.
 
 - `wall_ms`: the pipeline's time for the phase, measured on the first stage from the barrier that opens
-  the phase until the phase's last token has come back; `predicted_ms` is the plan's T_p or T_d.
-- `compute_ms` / `wait_ms`: the stage's time computing / blocked on messages in the phase;
+  the phase until the phase's last token has come back: the median over the deploy's `repeats` runs of the
+  schedule, with `wall_ms_min` and `wall_ms_max`; `predicted_ms` is the plan's T_p or T_d.
+- `compute_ms` / `wait_ms`: the stage's time computing / blocked on messages in the phase, and `stage_wall_ms`
+  the stage's own phase time (compute + wait = stage_wall_ms, up to the loop's own few µs per step; medians);
   `predicted_compute_ms` = steps × the plan's per-micro-batch stage time (decode at mid-generation context).
-- `tokens`: tokens generated in the whole run (B·n), `throughput_tok_s` = B·n / (prefill + decode wall).
-- memory: measured weights and KV bytes, peak (CUDA max allocated; on a CPU the tensor bytes held), peak
-  RSS and the stage's RSS growth over its pre-load RSS, beside the plan's total and the device's capacity.
+- `tokens`: tokens generated in one run (B·n), `throughput_tok_s` = B·n / (prefill + decode wall).
+- memory, measured from just before the stage loaded anything (`llmpq.runtime.measure`): `peak_memory_bytes`
+  the stage's peak (RSS growth on a CPU, the CUDA allocator's peak growth on a GPU), `device_used_bytes` the
+  growth of the GPU's used memory (mem_get_info; 0 on a CPU), `rss_growth_bytes`, the process's peak RSS and
+  the weights and KV bytes it holds, beside the plan's total (`planned_memory_bytes`) and the capacity.
+- `reference_ms`: the idle reference timing the stage took before its schedule; `load_factor` = it over the
+  device profile's (`llmpq.profile.reference`; NaN without a profile); above 1.25 the machine was loaded.
 - `kernels`: the stage's weight kernels as the plan gave them, "bits:kernel" joined by "," (highest bits first).
 
 The sidecar `<out stem>.tokens.json` holds the prompts, the generated ids [B][n] and host data (and the
@@ -16,9 +22,12 @@ logits of the first and last generated tokens when they were recorded).
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..profile.load import load_factor
 from ..solve.plan import Plan
 from .job import RunJob
 from .measure import PHASES
@@ -31,26 +40,38 @@ def tokens_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".tokens.json")
 
 
+def phase_walls_ms(reports: Sequence[StageReport]) -> dict[str, list[float]]:
+    """The pipeline's wall time per phase in each repetition: the first stage's (it sees the phase's last token
+    arrive)."""
+    first = reports[0]
+    reps = first.repetitions or [first.phases]
+    return {p: [float(r[p]["wall_ms"]) for r in reps] for p in PHASES}
+
+
 def phase_wall_ms(reports: Sequence[StageReport]) -> dict[str, float]:
-    """The pipeline's wall time per phase: the first stage's (it sees the phase's last token arrive)."""
-    return {p: float(reports[0].phases[p]["wall_ms"]) for p in PHASES}
+    """The pipeline's wall time per phase, the median over the repetitions."""
+    return {p: float(statistics.median(walls)) for p, walls in phase_walls_ms(reports).items()}
 
 
 def run_rows(job: RunJob, plan: Plan, reports: Sequence[StageReport]) -> list[dict[str, Any]]:
     """Rows of the `runs` table for one deployed plan."""
-    wall = phase_wall_ms(reports)
+    walls = phase_walls_ms(reports)
+    wall = {p: float(statistics.median(w)) for p, w in walls.items()}
     total_tokens = job.batch * job.gen_len
     total_ms = wall["prefill"] + wall["decode"]
     throughput = total_tokens / (total_ms / 1e3) if total_ms > 0 else 0.0
     predicted = {"prefill": plan.prefill_s * 1e3, "decode": plan.decode_s * 1e3}
     rows = []
     for spec, stage_plan, report in zip(job.stages, plan.stages, reports):
+        factor = load_factor(report.reference_ms, spec.reference_ms)
         for phase in PHASES:
             stats = report.phases[phase]
             per_step = stage_plan.prefill_ms if phase == "prefill" else stage_plan.decode_ms
             rows.append({
                 "method": job.method, "stage": spec.index, "device": spec.device, "node": spec.node, "phase": phase,
                 "wall_ms": wall[phase], "predicted_ms": predicted[phase],
+                "wall_ms_min": min(walls[phase]), "wall_ms_max": max(walls[phase]), "repeats": len(walls[phase]),
+                "stage_wall_ms": float(stats["wall_ms"]),
                 "compute_ms": stats["compute_ms"], "predicted_compute_ms": stats["steps"] * per_step,
                 "wait_ms": stats["wait_ms"], "steps": int(stats["steps"]),
                 "tokens": total_tokens, "throughput_tok_s": throughput,
@@ -60,6 +81,9 @@ def run_rows(job: RunJob, plan: Plan, reports: Sequence[StageReport]) -> list[di
                 "planned_memory_bytes": spec.planned_total_bytes, "capacity_bytes": spec.capacity_bytes,
                 "kernels": ",".join(f"{b}:{k}" for b, k in spec.kernels),
                 "rss_growth_bytes": int(report.memory.get("rss_growth_bytes", 0)),
+                "device_used_bytes": int(report.memory.get("device_used_bytes", 0)),
+                "reference_ms": float(report.reference_ms) if report.reference_ms is not None else math.nan,
+                "load_factor": factor,
             })
     return rows
 

@@ -29,7 +29,7 @@ from .parts import StageModel
 
 FAULT_MODES = ("exit", "hang")
 FAULT_EXIT_CODE = 17
-WARMUP_CALLS = 3  # untimed calls per phase and micro-batch size before the clocks start
+WARMUP_CALLS = 3  # untimed calls of the first shape per phase and micro-batch size (every shape gets one)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,19 @@ def micro_batches(batch: int, size: int) -> list[range]:
     if batch < 1 or size < 1:
         raise ValueError(f"batch and micro-batch size must be >= 1, got {batch} and {size}")
     return [range(start, min(batch, start + size)) for start in range(0, batch, size)]
+
+
+def prime_stage(model: StageModel, device: torch.device, dtype: torch.dtype) -> None:
+    """One prefill and one decode step of `model` over a one-sequence cache, untimed: the first call of every code
+    path a step takes (the family's layer, each weight kernel, embedding and head) imports and caches what it
+    needs. A CPU stage runs this on a throwaway copy of its first layers before noting its RSS, so that its RSS
+    growth is the stage's data, not the libraries' one-time allocations."""
+    from .kvcache import StageKVCache, cache_shape
+
+    cache = StageKVCache(cache_shape(model.config, model.start, len(model.layers), 1, 4), dtype, device)
+    runner = StageRunner(model, cache, StageClock(device), 1, 2)
+    for step in plan_steps(1, 2, 2, 1, 1):
+        runner._compute(step, runner._dummy_input(step))
 
 
 def plan_steps(batch: int, prompt_len: int, gen_len: int, b_p: int, b_d: int) -> tuple[Step, ...]:
@@ -105,9 +118,12 @@ class StageRunner:
     rarely arrives before its receive (gloo holds back a small message that arrives unexpected by one kernel
     timer tick, 4 ms here, longer than a whole decode step of a small stage) while the buffers stay bounded:
     the memory model counts exactly these two (`costmodel.memory.buffers_bytes`). The first stage posts one
-    token-id receive per micro-batch in flight (8 bytes per sequence). Warm-up calls per phase and
-    micro-batch size, untimed and without messages, take one-time costs (allocations, kernel selection) out
-    of the measurement, as the profiler's warm-up calls take them out of the prediction.
+    token-id receive per micro-batch in flight (8 bytes per sequence). Warm-up, untimed and without messages,
+    runs every distinct step shape of the schedule once (a new context length is a new attention shape: on a
+    GPU its first call picks kernels and loads them) and the first shape of each phase and micro-batch size
+    `WARMUP_CALLS` times, so one-time costs stay out of the measurement as the profiler's warm-up calls keep
+    them out of the prediction. Each step is one compute block of the clock (`StageClock`): the stage's own
+    work, its sampling and the posting of its messages; blocking on a peer is wait time.
     """
 
     def __init__(self, model: StageModel, cache: StageKVCache, clock: StageClock, batch: int, gen_len: int,
@@ -123,23 +139,38 @@ class StageRunner:
         self.first_logits = torch.zeros(batch, vocab) if record else None
         self.last_logits = torch.zeros(batch, vocab) if record else None
 
-    def run(self, prompts: torch.Tensor, steps: Sequence[Step], warmup: bool = True) -> StageOutput:
-        """Run every step; `prompts` [B, s] token ids (read by the first stage only)."""
+    def warm_up(self, steps: Sequence[Step]) -> int:
+        """Untimed calls (class docstring); how many were made."""
+        shapes = {(s.phase, len(s.rows), s.q, s.pos): s for s in steps}
+        firsts = {(s.phase, len(s.rows)): s for s in reversed(steps)}
+        calls = [*shapes.values(), *(s for s in firsts.values() for _ in range(WARMUP_CALLS - 1))]
+        for step in calls:
+            self._compute(step, self._dummy_input(step))
+        self.clock.sync()
+        return len(calls)
+
+    def run(self, prompts: torch.Tensor, steps: Sequence[Step], warmup: bool = True,
+            repeats: int = 1) -> tuple[StageOutput, list[dict[str, dict[str, float]]]]:
+        """Run every step `repeats` times (after the warm-up); `prompts` [B, s] token ids (read by the first stage
+        only). The output of the last repetition and each repetition's clock (`StageClock.to_dict`)."""
         by_phase = {p: [s for s in steps if s.phase == p] for p in PHASES}
         if warmup:
-            shapes = {(s.phase, len(s.rows)): s for s in steps}
-            for step in shapes.values():
-                for _ in range(WARMUP_CALLS):
-                    self._compute(step, self._dummy_input(step))
-        for phase, phase_steps in by_phase.items():
-            if not phase_steps:
-                continue
-            inbox = self._post_ahead(phase_steps)
+            self.warm_up(steps)
+        clocks = []
+        for _ in range(repeats):
+            self.clock = StageClock(self.clock.device)
             if self.ring is not None:
-                self.ring.barrier()
-            with self.clock.phase(phase):
-                self._run_phase(phase, phase_steps, prompts, inbox)
-        return StageOutput(self.tokens, self.first_logits, self.last_logits)
+                self.ring.clock = self.clock
+            for phase, phase_steps in by_phase.items():
+                if not phase_steps:
+                    continue
+                inbox = self._post_ahead(phase_steps)
+                if self.ring is not None:
+                    self.ring.barrier()
+                with self.clock.phase(phase):
+                    self._run_phase(phase, phase_steps, prompts, inbox)
+            clocks.append(self.clock.to_dict())
+        return StageOutput(self.tokens, self.first_logits, self.last_logits), clocks
 
     def _dummy_input(self, step: Step) -> torch.Tensor:
         shape = (len(step.rows), step.q) if self.model.first else (len(step.rows), step.q, self.model.hidden)
@@ -172,29 +203,28 @@ class StageRunner:
         for i, step in enumerate(steps):
             if self.fault is not None and step.round == self.fault.round:
                 self.fault.strike()
-            if model.first:
-                if ring is not None and step.round > 1:
-                    self._collect(phase, *returning.pop((step.round - 1, step.rows.start)))
-                rows = slice(step.rows.start, step.rows.stop)
-                inputs = prompts[rows] if phase == "prefill" else self.tokens[rows, step.round - 1:step.round]
-            else:
+            if not model.first:
                 inputs = ring.wait(inbox.popleft(), phase)
-                if i + ahead < len(steps):
-                    inbox.append(self._hidden_recv(steps[i + ahead]))
-            if ring is not None and model.first:
-                pending = ring.post_tokens(len(step.rows), step.index)
-                returning[(step.round, step.rows.start)] = (step, pending)
+            elif ring is not None and step.round > 1:
+                self._collect(phase, *returning.pop((step.round - 1, step.rows.start)))
             with self.clock.compute(phase):
+                if model.first:
+                    rows = slice(step.rows.start, step.rows.stop)
+                    inputs = prompts[rows] if phase == "prefill" else self.tokens[rows, step.round - 1:step.round]
+                elif i + ahead < len(steps):
+                    inbox.append(self._hidden_recv(steps[i + ahead]))
+                if ring is not None and model.first:
+                    returning[(step.round, step.rows.start)] = (step, ring.post_tokens(len(step.rows), step.index))
                 hidden, logits = self._compute(step, inputs)
                 out = logits.argmax(dim=-1) if logits is not None else None
-            if logits is not None:
-                self._record(step, logits)
-            if ring is None:
-                self.tokens[step.rows.start:step.rows.stop, step.round] = out
-            elif model.last:
-                ring.send_tokens(out, step.index, phase)
-            else:
-                ring.send_hidden(hidden, step.index, phase)
+                if logits is not None:
+                    self._record(step, logits)
+                if ring is None:
+                    self.tokens[step.rows.start:step.rows.stop, step.round] = out
+                elif model.last:
+                    ring.send_tokens(out, step.index, phase)
+                else:
+                    ring.send_hidden(hidden, step.index, phase)
         for step, pending in returning.values():
             self._collect(phase, step, pending)
         if ring is not None:

@@ -2,18 +2,21 @@
 
 The same entry point under torchrun (rank and world from RANK / WORLD_SIZE / LOCAL_RANK) and under srun
 (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT set by the launcher). Rank j
-runs stage j of the job; in a plan's SLURM job (the job lists `task_stages`) the task's component and rank
-say which stage it runs, and a task that is not where the job put its stage fails before loading. Before
-loading anything a stage checks its device's memory cap and that its device can run the plan's weight
-kernels, joins the process group, notes its RSS, then loads only its layers (each quantized bit-width on the
-plan's kernel, and the embedding or head where it is first or last), runs the schedule while a thread samples
-its RSS, and writes its report (with the RSS growth) beside the job. Any error ends the process non-zero; its
-peers then fail on the broken connection or time out, and the launcher (torchrun, or srun --kill-on-bad-exit)
-stops the rest.
+runs stage j of the job (in a plan's SLURM job, which lists `task_stages`, the task's component and rank say
+which stage it runs, and a task that is not where the job put its stage fails before loading): before loading
+anything it checks its device's memory cap, that its GPU is the planned type (name pattern and memory) and that
+its device can run the plan's weight kernels; joins the process group and creates its ring links in the global
+start-up order (`Ring.connect`); notes its memory baseline (on a CPU after a throwaway step of its first layer,
+`prime_stage`, and after the idle reference timing), loads only its layers (each quantized bit-width on the
+plan's kernel, in the job's dtype, and the embedding or head where it is first or last), runs the schedule
+`repeats` times while its memory is sampled, and writes its report (medians and every repetition) beside the
+job. Any error ends the process non-zero; its peers then fail on the broken connection or time out, and the
+launcher (torchrun, or srun --kill-on-bad-exit) stops the rest.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -22,19 +25,23 @@ import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..artifacts import write_text
-from .caps import MemoryCapError, StageRefusal, cap_violation
+from ..config.dtypes import DTYPES
+from ..config.identity import FoundDevice, identity_mismatch
+from ..profile.reference import reference_ms
+from .caps import DeviceMismatch, MemoryCapError, StageRefusal, cap_violation
+from .comm import Ring
 from .job import RunJob, StageSpec
 from .kernel_check import KernelUnavailable, stage_kernel_problem
 from .kvcache import StageKVCache, cache_shape
-from .measure import RssSampler, StageClock, memory_stats, prime_math_libraries, return_freed_memory
+from .measure import StageClock, StageMemorySampler, prime_math_libraries, return_freed_memory
 from .parts import load_stage, prepare_stage
 from ..profile.timing import torch_threads
-from .schedule import Fault, StageRunner, plan_steps
+from .schedule import Fault, StageRunner, plan_steps, prime_stage
 from .slurm_run import PlacementError, slurm_stage
 
 CAP_EXIT_CODE = 3
@@ -60,7 +67,10 @@ def placement_from_env(env: Mapping[str, str] | None = None) -> Placement:
 
 @dataclass(frozen=True)
 class StageReport:
-    """What one stage measured, and its outputs (tokens from the first stage, logits from the last)."""
+    """What one stage measured, and its outputs (tokens from the first stage, logits from the last).
+
+    `phases`: each phase's figures from its median repetition (`median_phases`); `repetitions`: each repetition's
+    (`StageClock.to_dict`); `reference_ms`: the idle reference timing taken just before the schedule."""
 
     rank: int
     device: str
@@ -70,6 +80,8 @@ class StageReport:
     tokens: list[list[int]] | None = None
     first_logits: list[list[float]] | None = None
     last_logits: list[list[float]] | None = None
+    repetitions: list[dict[str, dict[str, float]]] | None = None
+    reference_ms: float | None = None
 
     def write(self, path: str | Path) -> Path:
         return write_text(json.dumps(asdict(self)) + "\n", path)
@@ -79,18 +91,43 @@ class StageReport:
         return StageReport(**json.loads(Path(path).read_text()))
 
 
-def torch_device(spec: StageSpec, local_rank: int) -> tuple[torch.device, torch.dtype]:
-    """The torch device and compute dtype of a stage: CPU in float32, or the GPU the stage was given in float16."""
+def median_phases(repetitions: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each phase's figures from its median repetition (by the phase's wall time; the lower one of an even count),
+    so that compute, wait and wall stay one repetition's."""
+    out = {}
+    for phase in repetitions[0]:
+        ranked = sorted(repetitions, key=lambda r: r[phase]["wall_ms"])
+        out[phase] = {k: float(v) for k, v in ranked[(len(ranked) - 1) // 2][phase].items()}
+    return out
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """float32 | float16 | bfloat16 -> the torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return getattr(torch, name)
+
+
+def found_gpu(index: int) -> FoundDevice:
+    """The CUDA device `index` as the driver reports it."""
+    props = torch.cuda.get_device_properties(index)
+    return FoundDevice(props.name, int(props.total_memory))
+
+
+def torch_device(spec: StageSpec, local_rank: int) -> torch.device:
+    """The torch device of a stage: the CPU, or the GPU the stage was given, checked to be the planned type
+    (`llmpq.config.identity`: name pattern and memory) before anything is loaded (`DeviceMismatch` names both)."""
     if spec.kind == "cpu":
-        return torch.device("cpu"), torch.float32
+        return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"stage {spec.index} runs on GPU device {spec.device} but no CUDA device is visible")
+        raise DeviceMismatch(f"stage {spec.index} runs on GPU device {spec.device} but no CUDA device is visible")
     device = torch.device("cuda", spec.cuda_index if spec.cuda_index is not None else local_rank)
-    found = torch.cuda.get_device_name(device).replace(" ", "_")
-    if found != spec.device_name:
-        raise RuntimeError(f"stage {spec.index} expects a {spec.device_name} ({spec.device}) but {device} is a {found}")
+    assert spec.identity is not None
+    problem = identity_mismatch(spec.identity, found_gpu(device.index))
+    if problem is not None:
+        raise DeviceMismatch(f"stage {spec.index} on {device}: {problem}")
     torch.cuda.set_device(device)
-    return device, torch.float16
+    return device
 
 
 def _as_lists(t: torch.Tensor | None) -> list | None:
@@ -98,12 +135,13 @@ def _as_lists(t: torch.Tensor | None) -> list | None:
 
 
 def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageReport:
-    """Run stage `place.rank` of `job`: cap and kernel checks, (process group), load, schedule; its report."""
+    """Run stage `place.rank` of `job`: cap, device and kernel checks, (process group and its start-up exchanges),
+    load, reference timing, schedule; its report."""
     spec = job.stages[place.rank]
     problem = cap_violation(spec)
     if problem is not None:
         raise MemoryCapError(problem)
-    device, dtype = torch_device(spec, place.local_rank)
+    device, dtype = torch_device(spec, place.local_rank), torch_dtype(job.dtype)
     problem = stage_kernel_problem(spec, device, {n.name: n for n in job.kernel_needs})
     if problem is not None:
         raise KernelUnavailable(problem)
@@ -112,16 +150,18 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
         clock = StageClock(device)
         ring = None
         if place.world > 1:
-            from .comm import Ring
-
             if init_dist:
                 _init_process_group(job, place, device)
             ring = Ring(place.rank, place.world, clock, device, timedelta(seconds=job.timeout_s))
+            ring.connect()
         manifests = prepare_stage(job.model_dir, job.quant_root, job.scheme, spec.bits,
                                   {k for _, k in spec.kernels}, job.verify)
         if device.type == "cpu":
             prime_math_libraries(dtype)
-        sampler = RssSampler().start()
+            prime_stage(_first_layers(job, spec, device, dtype, manifests), device, dtype)
+            gc.collect()
+        reference = reference_ms(device, dtype if device.type == "cuda" else torch.float32)
+        sampler = StageMemorySampler(device).start()
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify,
                            kernels=spec.kernel_map, manifests=manifests)
@@ -132,14 +172,27 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
         runner = StageRunner(model, cache, clock, job.batch, job.gen_len, ring, fault, job.record_logits)
         prompts = torch.tensor(job.prompts, dtype=torch.long, device=device)
         steps = plan_steps(job.batch, job.prompt_len, job.gen_len, job.micro_batch_prefill, job.micro_batch_decode)
-        out = runner.run(prompts, steps, job.warmup)
-        growth = sampler.stop()
-    memory = memory_stats(device, model.weight_bytes(), cache.nbytes, growth)
-    return StageReport(place.rank, spec.device, platform.node(), clock.to_dict(), asdict(memory),
-                       _as_lists(out.tokens), _as_lists(out.first_logits), _as_lists(out.last_logits))
+        out, repetitions = runner.run(prompts, steps, job.warmup, job.repeats)
+        memory = sampler.stop(model.weight_bytes(), cache.nbytes)
+    return StageReport(place.rank, spec.device, platform.node(), median_phases(repetitions), asdict(memory),
+                       _as_lists(out.tokens), _as_lists(out.first_logits), _as_lists(out.last_logits),
+                       repetitions, reference)
 
 
-def _init_process_group(job: RunJob, place: Placement, device: torch.device) -> None:
+def _first_layers(job: RunJob, spec: StageSpec, device: torch.device, dtype: torch.dtype,
+                  manifests: Mapping[int, Any]) -> Any:
+    """A throwaway copy of the stage's first layer of each bit-width, with its embedding and head (`prime_stage`)."""
+    firsts = {}
+    for i, b in enumerate(spec.bits):
+        firsts.setdefault(b, spec.start + i)
+    index = min(firsts.values())
+    bits = [spec.bits[index - spec.start]]
+    return load_stage(job.model_dir, job.quant_root, job.scheme, index, bits, first=spec.first,
+                      last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=False,
+                      kernels={b: k for b, k in spec.kernels if b in firsts}, manifests=manifests)
+
+
+def _init_process_group(job: Any, place: Placement, device: torch.device) -> None:
     import torch.distributed as dist
 
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}

@@ -24,7 +24,8 @@ def bits_runs(bits: tuple[int, ...]) -> str:
 def explain(plan: Plan) -> str:
     """The plan as text: header, one row per stage (bottleneck marked), totals."""
     head = (f"{plan.method}: {plan.model} on {plan.cluster}, workload {plan.workload}; "
-            f"micro-batch prefill {plan.micro_batch_prefill}, decode {plan.micro_batch_decode}")
+            f"micro-batch prefill {plan.micro_batch_prefill}, decode {plan.micro_batch_decode}"
+            + (f"; compute dtype {plan.dtype}" if plan.dtype else ""))
     cols = ("stage", "device", "node", "layers", "bits", "kernels", "memory GiB (used/cap)", "prefill ms", "decode ms", "")
     rows = []
     for j, s in enumerate(plan.stages):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config.dtypes import DTYPES
 from ..config.kernels import DENSE_BITS, DENSE_KERNEL, KERNEL_NAMES
 from ..costmodel.memory import StageMemory as StageMemoryPlan  # one record of a stage's memory parts
 from ..data.prompts import PromptStats
@@ -112,6 +113,12 @@ class Plan:
     plan_source: str
     schema_version: int = SCHEMA_VERSION
     prompts: PlanPrompts | None = None
+    dtype: str | None = None    # every stage's compute dtype (`llmpq.config.dtypes`); None in older plans
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The plan's dtype; for a plan written before it was recorded, None (the runtime's default)."""
+        return self.dtype
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -157,6 +164,8 @@ def to_dict(plan: Plan) -> dict[str, Any]:
     }
     if plan.prompts is not None:
         data["prompts"] = plan.prompts.to_dict()
+    if plan.dtype is not None:
+        data["dtype"] = plan.dtype
     return data
 
 
@@ -250,6 +259,8 @@ def validate_dict(data: Mapping[str, Any], where: str) -> None:
     _need(solver, "objective", num, f"{where}.solver", nullable=True)
     _need(solver, "gap", num, f"{where}.solver", nullable=True)
     _one_of(_need(solver, "plan_source", str, f"{where}.solver"), PLAN_SOURCES, f"{where}.solver.plan_source")
+    if "dtype" in data:
+        _one_of(_need(data, "dtype", str, where), DTYPES, f"{where}.dtype")
     if "prompts" in data:
         prompts = _need(data, "prompts", dict, where)
         _need(prompts, "sha256", str, f"{where}.prompts")
@@ -284,7 +295,7 @@ def from_dict(data: Mapping[str, Any], where: str = "plan") -> Plan:
         latency_source=data["sources"]["latency"], omega_source=data["sources"]["omega"],
         status=solver["status"], objective=opt(solver["objective"]), gap=opt(solver["gap"]),
         plan_source=solver["plan_source"], schema_version=data["schema_version"],
-        prompts=PlanPrompts.from_dict(data["prompts"]) if "prompts" in data else None)
+        prompts=PlanPrompts.from_dict(data["prompts"]) if "prompts" in data else None, dtype=data.get("dtype"))
 
 
 def read_plan(path: str | Path) -> Plan:

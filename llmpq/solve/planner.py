@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from llmpq.config import Experiment
+from llmpq.config.dtypes import plan_dtype
 from llmpq.costmodel.context import CostContext, build_context
 from llmpq.costmodel.estimate import Estimate, estimate
 from llmpq.export.engine import restrict_devices
+from llmpq.models.source import hf_config_dict
 
 from .baselines import BASELINES, run_baseline
 from .candidate import Candidate
@@ -179,4 +181,5 @@ def to_plan(exp: Experiment, ctx: CostContext, omega: OmegaTable, ppl_map: Any, 
         bottleneck_stage=e.bottleneck_stage, omega=best.omega, ppl_increase=ppl_increase(ppl_map, omega, best.omega),
         budget=budget.omega if budget.bounded else None,
         latency_source="profile" if profiled else "roofline", omega_source=omega.source,
-        status=status, objective=c.surrogate_ms, gap=gap, plan_source=c.source)
+        status=status, objective=c.surrogate_ms, gap=gap, plan_source=c.source,
+        dtype=plan_dtype(exp.model.dtype, hf_config_dict(exp.model), [exp.devices[s.device] for s in c.stages]))

@@ -10,7 +10,9 @@ Surrogate objective of an assignment (design, "The solver"):
     F = R^p + (K_p − 1)·β^p + Σ_k w_k · max(K_d·β^d(k), R^d(k)) + R^d(n−1) + (K_d − 1)·β^d(n−1) + θ·Σω
 
 with β = max_j max(t_j, c_j), R = Σ_j (t_j + c_j), the decode contexts sampled at a few rounds k
-(`llmpq.costmodel.pipeline.surrogate_points`, trapezoid weights w_k) and t_j = fixed_j + Σ_{g in j} t[g, j, c_g].
+(`llmpq.costmodel.pipeline.surrogate_points`, trapezoid weights w_k) and t_j = fixed_j + Σ_{g in j} t[g, j, c_g]:
+fixed_j the embedding, head and stage-loop times, t[g, j, c] the item's layers on stage j's device at bits c
+times that device's after-idle factor when the pipeline has more than one stage (`costmodel.estimate`).
 
 Each (stage, column) runs on one weight kernel, the branch's choice for that device, bits and micro-batches
 (`costmodel.estimate.choose_kernel`); times are that kernel's. Memory of stage j:
@@ -82,11 +84,12 @@ class CostCache:
             ctx.shape, ctx.devices[stem], {bits: ctx.latency.kernels.spec(kernel)} if bits < 16 else {}))
 
     def fixed_ms(self, stem: str, phase: str, batch: int, *, first: bool, last: bool) -> float:
-        """Embedding (first stage) + head (last stage) time of one micro-batch (ms)."""
+        """Embedding (first stage) + head (last stage) + the stage loop's own cost of one micro-batch (ms)."""
         q = self.ctx.workload.prompt_len if phase == "prefill" else 1
 
         def make() -> float:
             t = self.ctx.latency.embed_ms(stem, phase, batch, q) if first else 0.0
+            t += self.ctx.latency.loop_ms(stem, phase, batch)
             return t + (self.ctx.latency.head_ms(stem, phase, batch) if last else 0.0)
         return self._get(("fx", stem, phase, batch, first, last), make)
 
@@ -199,9 +202,10 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
                 continue
             kern = cache.kernel(stem, b, b_p, b_d)
             row.append(kern)
-            tp[j, c] = cache.layer_prefill_ms(stem, b, b_p, kern)
+            idle_p, idle_d = (ctx.latency.after_idle(stem, p) if n_st > 1 else 1.0 for p in ("prefill", "decode"))
+            tp[j, c] = idle_p * cache.layer_prefill_ms(stem, b, b_p, kern)
             if points:
-                td[j, c] = cache.layer_decode_ms(stem, b, b_d, points, kern)
+                td[j, c] = idle_d * cache.layer_decode_ms(stem, b, b_d, points, kern)
             mb[j, c] = cache.layer_bytes(stem, b, b_d)
             ws[j, c] = cache.workspace_bytes(stem, b, kern)
         kernels.append(tuple(row))

@@ -237,6 +237,27 @@ def generate_gpu_request(plan_file):
     return gpu_request(gpus[0], len(gpus)) if gpus else gpu_request(devices[0])
 
 
+ENVS = Path(workflow.basedir) / "envs"
+
+
+def env_for_kinds(kinds):
+    """The conda environment (`--sdm conda`) of a job that runs on these device kinds: envs/cuda.yaml (CUDA torch,
+    GPTQModel's GPU kernels) where any is a GPU, else envs/llmpq.yaml (CPU torch)."""
+    return str(ENVS / ("cuda.yaml" if "gpu" in set(kinds) else "llmpq.yaml"))
+
+
+def device_env(device):
+    """The environment of a job on one device type (profile)."""
+    return env_for_kinds([device_slice(device)["kind"]])
+
+
+def cluster_env(model, cluster):
+    """The environment of a job that runs on a cluster's devices (profile_links, deploy, generate: a plan's
+    stages are all CPUs or all GPUs). From the config, not the plan: a conda directive may not read an input."""
+    devices = experiment(model, cluster).devices
+    return env_for_kinds(devices[d].kind for d in experiment(model, cluster).cluster.device_stems())
+
+
 def llmpq(verb):
     """The command line of one verb, with the workflow's config dir and results dir."""
     return f"llmpq {verb} results={shlex.quote(str(RESULTS))}"

@@ -26,7 +26,7 @@ rule deploy:
         launcher=lambda wc: plan_launcher(),
         slurm_job=lambda wc, input: plan_slurm_job(input.plan, "deploy"),
     conda:
-        "../../envs/llmpq.yaml"
+        lambda wc: cluster_env(wc.model, wc.cluster)
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
         "deploy.launcher={resources.launcher} plan={input.plan} out={output} > {log} 2>&1"

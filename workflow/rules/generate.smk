@@ -32,7 +32,7 @@ rule generate:
         gpu_model=lambda wc, input: generate_gpu_request(input.plan)["gpu_model"],
         gres=lambda wc, input: generate_gpu_request(input.plan)["gres"],
     conda:
-        "../../envs/llmpq.yaml"
+        lambda wc: cluster_env(wc.model, wc.cluster)
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
         "plan={input.plan} out={output.completions} generate.on_change=restart > {log} 2>&1"

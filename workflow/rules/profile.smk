@@ -10,6 +10,8 @@ rule profile:
         model=lambda wc: model_slice(wc.model),
         grid=config["profile"],
         kernels=kernel_table(),
+        measures="layer grid, per-step overheads (loop, after-idle), idle reference",  # what the table holds
+        dtype=lambda wc: experiment(wc.model, "local-cpu").model.dtype,
     wildcard_constraints:
         device=r"(?!links/)[^/]+",
     log:
@@ -24,7 +26,7 @@ rule profile:
         slurm_partition=lambda wc: gpu_request(wc.device)["slurm_partition"],
         constraint=lambda wc: gpu_request(wc.device)["constraint"],
     conda:
-        "../../envs/llmpq.yaml"
+        lambda wc: device_env(wc.device)
     shell:
         "{params.cli} device={wildcards.device} model={wildcards.model} out={output} > {log} 2>&1"
 
@@ -36,10 +38,11 @@ rule profile_links:
     params:
         cli=llmpq("profile-links"),
         links=lambda wc: experiment(model_of_cluster(wc.cluster), wc.cluster).raw["cluster"],
+        measures="idle ping-pong and busy exchange per payload",  # what the table holds
     log:
         "logs/profile_links/{cluster}.log",
     threads: workflow.cores
     conda:
-        "../../envs/llmpq.yaml"
+        lambda wc: cluster_env(model_of_cluster(wc.cluster), wc.cluster)
     shell:
         "{params.cli} cluster={wildcards.cluster} out={output} > {log} 2>&1"

@@ -14,6 +14,7 @@ rule solve:
         config=lambda wc: {k: experiment(wc.model, wc.cluster, wc.workload, wc.solver).raw[k]
                            for k in ("cluster", "devices", "workload", "solver", "kernels")},
         model=lambda wc: model_slice(wc.model),
+        dtype=lambda wc: experiment(wc.model, "local-cpu").model.dtype,
         prompts_sha256=lambda wc: prompts_sha256(wc.model, wc.cluster, wc.workload),
     log:
         "logs/solve/{model}/{cluster}/{workload}/{solver}.log",
