@@ -220,26 +220,26 @@ def peak_rss_bytes() -> int:
 
 
 class DeviceMemorySampler:
-    """A GPU stage's memory from just before it loads anything: the CUDA allocator's peak over its allocated
-    bytes then (`torch.cuda.max_memory_allocated`, peak statistics reset at `start()`) and the growth of the
-    device's used memory (`torch.cuda.mem_get_info`: what the allocator holds, library handles and their
+    """A GPU stage's memory: the CUDA allocator's whole peak (`torch.cuda.max_memory_allocated`, peak statistics
+    reset at `start()`, just before loading: everything the process's allocator held at its peak, the libraries'
+    workspaces allocated while priming included, as the memory model counts them) and the growth of the device's
+    used memory from `start()` (`torch.cuda.mem_get_info`: what the allocator holds, library handles and their
     workspaces, communicator buffers)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.allocated_bytes = self.free_bytes = 0
+        self.free_bytes = 0
 
     def start(self) -> "DeviceMemorySampler":
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.allocated_bytes = torch.cuda.memory_allocated(self.device)
         self.free_bytes = torch.cuda.mem_get_info(self.device)[0]
         return self
 
     def stop(self) -> tuple[int, int]:
-        """(allocator peak growth, device used growth) in bytes."""
+        """(allocator peak, device used growth) in bytes."""
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - self.allocated_bytes
+        peak = torch.cuda.max_memory_allocated(self.device)
         used = self.free_bytes - torch.cuda.mem_get_info(self.device)[0]
         return max(0, int(peak)), max(0, int(used))
 
