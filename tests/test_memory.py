@@ -190,13 +190,13 @@ def test_library_workspace_per_device(t4, cpu):
 
 
 def test_gpu_stage_memory_against_the_h100_measurement(tiny_opt_dir):
-    """The one-stage fp16 tiny-opt plan deployed on an H100 (benchmarks/results/gpu_check_h100.json): the CUDA
-    allocator's measured peak against the memory model's stage total without the device's reserve (the CUDA
-    context, which the allocator does not see)."""
+    """The one-stage fp16 tiny-opt plan deployed on an H100 (benchmarks/results/gpu_check_h100_first.json, the first
+    run, which recorded the allocator's whole peak): that peak against the memory model's stage total without the
+    device's reserve (the CUDA context, which the allocator does not see)."""
     import json
     from pathlib import Path
 
-    fixture = json.loads((Path(__file__).parents[1] / "benchmarks/results/gpu_check_h100.json").read_text())
+    fixture = json.loads((Path(__file__).parents[1] / "benchmarks/results/gpu_check_h100_first.json").read_text())
     measured = fixture["plans"]["fp16"]["measured_peak_bytes"]
     h100 = load_device("h100")
     shape = shape_from_config(json.loads((tiny_opt_dir / "config.json").read_text()))

@@ -216,7 +216,7 @@ def head_bytes(shape: ModelShape, device: DeviceSpec, batch: int, *, with_embedd
 CUBLAS_WORKSPACE_BYTES_HOPPER = 4096 * 8 * 1024        # PyTorch's default on compute capability 9.x, 10.x, 12.x
 CUBLAS_WORKSPACE_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8  # its default before (":4096:2:16:8")
 CUBLAS_32MIB_MAJORS = (9, 10, 12)
-CUDA_SMALL_BUFFERS_BYTES = 1024**2   # measured remainder on an H100 (benchmarks/results/gpu_check_h100.json)
+CUDA_SMALL_BUFFERS_BYTES = 1024**2   # measured remainder on an H100 (benchmarks/results/gpu_check_h100_first.json)
 
 
 def library_workspace_bytes(device: DeviceSpec) -> int:
