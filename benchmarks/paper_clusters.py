@@ -37,7 +37,7 @@ from pathlib import Path
 from llmpq.config import compose_experiment
 from llmpq.costmodel.context import build_context
 from llmpq.costmodel.estimate import StageAssignment, estimate
-from llmpq.solve.baselines import BASELINES
+from llmpq.solve.methods import BASELINES
 from llmpq.solve.bounds import throughput_upper_bound
 from llmpq.solve.errors import BudgetInfeasible, MemoryInfeasible
 from llmpq.solve.plan import Plan
