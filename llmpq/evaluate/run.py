@@ -2,6 +2,10 @@
 
 Where `llmpq generate` has run a method's plan over the workload's prompts file, its measured tokens/s
 (Σ generated tokens / Σ wall time over the `generate_runs` rows) stands beside the plan's prediction.
+
+"vs best baseline" is fair: each non-baseline plan is compared only with the baselines of equal or worse
+quality (Σω at least its own, or measured perplexity at least its own), and the table names the baseline it
+was compared with. A method recorded as infeasible (its plan says so) is listed with its status and no numbers.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import pyarrow.compute as pc
 from .. import paths
 from ..artifacts import provenance, read_table, write_table, write_text
 from ..generate.outputs import runs_path
+from ..solve.methods import is_baseline
+from ..solve.plan import is_infeasible
 from . import plots
 
-BASELINES = ("pipeedge", "uniform", "adabits")
+OMEGA_TOL = 1e-9  # relative: Σω equal within rounding counts as equal quality
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,15 @@ class MethodResult:
     generate_tok_s: float = math.nan
     generate_predicted_tok_s: float = math.nan
     generate_rel_error: float = math.nan
+    plan_status: str = ""      # the plan's solver.status (optimal, feasible, timeout, infeasible)
+
+
+def infeasible_result(method: str, plan: dict) -> MethodResult:
+    """A method recorded as infeasible: its status, no measurements."""
+    nan = math.nan
+    return MethodResult(method=method, measured_tok_s=nan, predicted_tok_s=nan, prefill_rel_error=nan,
+                        decode_rel_error=nan, perplexity=nan, omega=nan,
+                        plan_status=f"infeasible ({plan['infeasible']['kind']})")
 
 
 def generate_throughput(rows: list[dict]) -> float:
@@ -77,6 +92,7 @@ def method_result(method: str, plan: dict, runs, perplexity: float) -> MethodRes
         decode_rel_error=rel_error(decode_ms, 1e3 * predicted["decode_s"]) if predicted["decode_s"] else math.nan,
         perplexity=perplexity,
         omega=float(plan.get("quality", {}).get("omega") or 0.0),
+        plan_status=plan.get("solver", {}).get("status", ""),
     )
 
 
@@ -94,20 +110,42 @@ def stage_memory_rows(method: str, plan: dict, runs) -> list[dict]:
     return rows
 
 
-def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, float]:
-    """Measured throughput of each non-baseline method over the best baseline's."""
-    best = max((r.measured_tok_s for r in results if r.method in BASELINES), default=math.nan)
-    return {r.method: (r.measured_tok_s / best if r.method not in BASELINES and best == best else math.nan) for r in results}
+def comparable(plan: MethodResult, baseline: MethodResult) -> bool:
+    """Whether `baseline` is of equal or worse quality than `plan`: Σω at least the plan's (within rounding), or
+    measured perplexity at least the plan's."""
+    omega = baseline.omega >= plan.omega * (1 - OMEGA_TOL) - OMEGA_TOL
+    ppl = baseline.perplexity == baseline.perplexity and plan.perplexity == plan.perplexity and \
+        baseline.perplexity >= plan.perplexity
+    return omega or ppl
 
 
-def summary_markdown(title: str, results: list[MethodResult], ratios: dict[str, float]) -> str:
+def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, tuple[float, str]]:
+    """For each measured non-baseline method: (its measured throughput over the fastest measured baseline of equal or
+    worse quality (`comparable`), that baseline's name); (NaN, "") where none qualifies, and for baselines."""
+    measured = [r for r in results if r.measured_tok_s == r.measured_tok_s]
+    out: dict[str, tuple[float, str]] = {r.method: (math.nan, "") for r in results}
+    for r in measured:
+        if is_baseline(r.method):
+            continue
+        fair = [b for b in measured if is_baseline(b.method) and comparable(r, b)]
+        if fair:
+            best = max(fair, key=lambda b: (b.measured_tok_s, b.method))
+            out[r.method] = (r.measured_tok_s / best.measured_tok_s, best.method)
+    return out
+
+
+def summary_markdown(title: str, results: list[MethodResult], ratios: dict[str, tuple[float, str]]) -> str:
     """A short table a person reads at the end of a run."""
-    lines = [f"### {title}", "", "| method | measured tok/s | predicted tok/s | prefill err | decode err | perplexity | Σω | vs best baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"### {title}", "", "| method | measured tok/s | predicted tok/s | prefill err | decode err | perplexity | Σω "
+             "| vs best baseline (equal or worse quality) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        ratio = ratios.get(r.method, math.nan)
+        if r.plan_status.startswith("infeasible"):
+            lines.append(f"| {r.method} | {r.plan_status} | | | | | | |")
+            continue
+        ratio, base = ratios.get(r.method, (math.nan, ""))
         lines.append(f"| {r.method} | {r.measured_tok_s:.1f} | {r.predicted_tok_s:.1f} | {r.prefill_rel_error:+.1%} | "
-                     f"{r.decode_rel_error:+.1%} | {r.perplexity:.2f} | {r.omega:.3g} | {'' if ratio != ratio else f'{ratio:.2f}x'} |")
+                     f"{r.decode_rel_error:+.1%} | {r.perplexity:.2f} | {r.omega:.3g} | "
+                     f"{'' if ratio != ratio else f'{ratio:.2f}x {base}'} |")
     jobs = [r for r in results if r.generate_tok_s == r.generate_tok_s]
     if jobs:
         lines += ["", "Batch job on the prompts file (llmpq generate):", "",
@@ -140,10 +178,14 @@ def cli_evaluate(exp, args) -> int:
         if plan_file.name.endswith(".meta.json"):
             continue
         method = plan_file.stem
+        plan = json.loads(plan_file.read_text())
+        if is_infeasible(plan):
+            results.append(infeasible_result(method, plan))
+            print(f"evaluated {method}: infeasible ({plan['infeasible']['kind']})", flush=True)
+            continue
         run_file = paths.run_path(args.results, model, cluster, workload, method)
         if not run_file.is_file():
             continue
-        plan = json.loads(plan_file.read_text())
         plans[method] = plan
         ppl = _plan_perplexity(plan_file, weights, spec, token_ids, args.results, model, ppl_of)
         runs = read_table("runs", run_file)
@@ -151,16 +193,18 @@ def cli_evaluate(exp, args) -> int:
         results.append(with_generate(method_result(method, plan, runs, ppl), plan, job))
         stage_rows.extend(stage_memory_rows(method, plan, runs))
         print(f"evaluated {method}: {results[-1].measured_tok_s:.1f} tok/s measured, perplexity {ppl:.2f}", flush=True)
-    if not results:
+    if not plans:
         raise FileNotFoundError(f"{plan_dir}: no plan with a matching run to evaluate")
     ratios = ratio_vs_best_baseline(results)
-    rows = [{**vars(r), "ratio_vs_best_baseline": ratios[r.method]} for r in results]
+    rows = [{**vars(r), "ratio_vs_best_baseline": ratios[r.method][0], "compared_with": ratios[r.method][1]}
+            for r in results]
     figures = figure_dir(Path(out))
+    ran = [r for r in results if r.method in plans]
     plots.plot_plans(plans, figures / "plan.png")
-    plots.plot_throughput([r.method for r in results], [r.measured_tok_s for r in results],
-                          [r.predicted_tok_s for r in results], figures / "throughput.png")
-    plots.plot_quality([r.method for r in results], [r.measured_tok_s for r in results],
-                       [r.perplexity for r in results], figures / "quality.png")
+    plots.plot_throughput([r.method for r in ran], [r.measured_tok_s for r in ran],
+                          [r.predicted_tok_s for r in ran], figures / "throughput.png")
+    plots.plot_quality([r.method for r in ran], [r.measured_tok_s for r in ran],
+                       [r.perplexity for r in ran], figures / "quality.png")
     _fidelity_figure(exp, args.results, figures / "fidelity.png")
     text = summary_markdown(f"{model} on {cluster}, workload {workload}", results, ratios)
     write_text(text, figures / "summary.md")

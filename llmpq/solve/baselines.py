@@ -33,7 +33,7 @@ from llmpq.costmodel.estimate import estimate
 
 from .candidate import Candidate
 from .errors import MemoryInfeasible, SolveTimeout
-from .feasibility import memory_message, memory_report
+from .feasibility import MEMORY_ADVICE, memory_message, memory_report, over_text
 from .heuristic import busy_tables
 from .limits import Deadline, SearchSettings
 from .methods import BASELINES
@@ -88,8 +88,9 @@ def common_bits(tb: ProblemTables) -> list[int]:
     return sorted((c for c in range(tb.n_bits) if tb.allowed[:, c].all()), key=lambda c: -tb.bits[c])
 
 
-def _no_fit(cache: CostCache, method: str) -> MemoryInfeasible:
-    return MemoryInfeasible(f"{method}: {memory_message(cache)}", memory_report(cache))
+def _no_fit(cache: CostCache, method: str, layers_needed: tuple[int, ...] | None = None,
+            bits: int | None = None) -> MemoryInfeasible:
+    return MemoryInfeasible(f"{method}: {memory_message(cache)}", memory_report(cache, layers_needed, bits))
 
 
 def pipeedge(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
@@ -121,6 +122,7 @@ def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
     """Even split, highest uniform bits that fit (module docstring)."""
     cluster, layers = cache.ctx.cluster, omega.num_layers
     b = baseline_micro_batch(cache.ctx.workload.batch, len(cluster.device_slots()))
+    lowest = None
     for slots in full_orders(cluster):
         if len(slots) > layers:
             break
@@ -130,7 +132,14 @@ def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
             a = _uniform_assignment(counts, c)
             if not violations(tb, a):
                 return BaselinePlan(_candidate(tb, a), "optimal", 0.0)
-    raise _no_fit(cache, "uniform")
+        lowest = tb.bits[common_bits(tb)[-1]] if common_bits(tb) and lowest is None else lowest
+    n = len(cluster.device_slots())
+    if n > layers or lowest is None:
+        raise _no_fit(cache, "uniform")
+    report = memory_report(cache, even_counts(layers, n), lowest, b)
+    raise MemoryInfeasible(f"uniform: an even split of the {layers} layers at {lowest}-bit, the lowest bit-width every "
+                           f"device runs, does not fit: {over_text(report) or 'stages exceed memory'}; "
+                           f"{MEMORY_ADVICE}", report)
 
 
 def adabits(cache: CostCache, omega: OmegaTable, settings: SearchSettings,

@@ -1,7 +1,8 @@
 """Plans that cannot exist: memory (no arrangement fits) and quality (no plan meets Ω): messages and reports.
 
-The memory report (what an infeasible plan artifact records) gives per device its capacity, what it needs
-before any layer (reserve, activations and buffers at micro-batch 1), one layer at the lowest bits with its KV
+The memory report (what an infeasible plan artifact records) gives per device, in the cluster's file order as a
+pipeline, its capacity, what it needs before any layer (reserve, activations and buffers at its micro-batch, the
+embedding on the first and the head on the last), one layer at the lowest bits with its KV
 cache, how many whole layers fit, and the layers it would have to hold: its share of the model in proportion to
 its free memory (a baseline's own split, for `uniform`), so that needed_bytes = fixed_bytes + layers_needed ·
 layer_bytes stands against capacity_bytes.
@@ -64,20 +65,22 @@ def memory_message(cache: CostCache) -> str:
     return f"{text}; {MEMORY_ADVICE}"
 
 
-def memory_report(cache: CostCache, layers_needed: Sequence[int] | None = None,
-                  bits: int | None = None) -> dict[str, Any]:
-    """Needed vs available memory per device (module docstring), in file order; `layers_needed` and `bits` where a
-    method fixes them (else the share of free memory, at each device's lowest bits)."""
+def memory_report(cache: CostCache, layers_needed: Sequence[int] | None = None, bits: int | None = None,
+                  micro_batch: int = 1) -> dict[str, Any]:
+    """Needed vs available memory per device (module docstring), in file order; `layers_needed`, `bits` and
+    `micro_batch` (b_p = b_d) where a method fixes them (else the share of free memory, at each device's lowest
+    bits, at micro-batch 1)."""
     need, room, low = memory_need_and_room(cache)
     ctx = cache.ctx
     slots = ctx.cluster.device_slots()
     rows = []
-    for node, stem in slots:
-        fm = cache.fixed_memory(stem, 1, 1, first=False, last=False)
+    for j, (node, stem) in enumerate(slots):
+        fm = cache.fixed_memory(stem, micro_batch, micro_batch, first=j == 0, last=j == len(slots) - 1)
         b = bits if bits is not None else min(ctx.latency.menu(stem))
-        layer = cache.layer_bytes(stem, b, 1)
+        layer = cache.layer_bytes(stem, b, micro_batch)
         free = max(0, fm.capacity_bytes - fm.total_bytes)
-        rows.append({"device": stem, "node": node, "bits": b, "capacity_bytes": int(fm.capacity_bytes),
+        rows.append({"device": stem, "node": node, "bits": b, "micro_batch": micro_batch,
+                     "capacity_bytes": int(fm.capacity_bytes),
                      "fixed_bytes": int(fm.total_bytes), "layer_bytes": int(layer), "layers_fit": int(free // layer)})
     if layers_needed is None:
         free = np.asarray([r["capacity_bytes"] - r["fixed_bytes"] for r in rows], dtype=float).clip(min=0)
@@ -87,6 +90,14 @@ def memory_report(cache: CostCache, layers_needed: Sequence[int] | None = None,
         row["layers_needed"] = int(n)
         row["needed_bytes"] = row["fixed_bytes"] + int(n) * row["layer_bytes"]
     return {"need_bytes": int(need), "room_bytes": int(room), "lowest_bits": int(low), "devices": rows}
+
+
+def over_text(report: dict[str, Any]) -> str:
+    """'p100-12g@n0 needs 12.3 GiB of 11.9 GiB, ...' for the devices of a memory report that do not fit."""
+    over = [d for d in report["devices"] if d["needed_bytes"] > d["capacity_bytes"]]
+    return ", ".join(f"{d['device']}@{d['node']} needs {format_bytes(d['needed_bytes'])} of "
+                     f"{format_bytes(d['capacity_bytes'])} ({d['layers_needed']} layers, {d['layers_fit']} fit)"
+                     for d in over)
 
 
 def least_omega(cache: CostCache, omega: OmegaTable, settings: SearchSettings,

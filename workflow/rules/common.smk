@@ -191,13 +191,13 @@ def gpu_request(device, count=1):
 
 
 def plan_devices(plan_file):
-    """Device stems of a plan's stages, in pipeline order."""
+    """Device stems of a plan's stages, in pipeline order (none for a method recorded as infeasible)."""
     return [stage["device"] for stage in json.loads(Path(plan_file).read_text())["stages"]]
 
 
 def stage_cpus(plan_file):
     """CPUs per deploy task under SLURM: the most threads any stage's device uses (1 for a GPU stage's host)."""
-    return max(device_slice(d).get("threads") or 1 for d in plan_devices(plan_file))
+    return max((device_slice(d).get("threads") or 1 for d in plan_devices(plan_file)), default=1)
 
 
 def deploy_gpu_request(plan_file):
@@ -207,6 +207,8 @@ def deploy_gpu_request(plan_file):
     such plans request the first stage's type and must be started by hand (see the README).
     """
     devices = plan_devices(plan_file)
+    if not devices:  # an infeasible method: deploy only records that it was skipped
+        return {"gpu": 0, "gpu_model": "", "gres": ""}
     gpus = [d for d in devices if device_slice(d).get("kind") != "cpu"]
     return gpu_request(gpus[0], len(gpus)) if gpus else gpu_request(devices[0])
 
