@@ -56,9 +56,12 @@ def memory_message(cache: CostCache) -> str:
     """'model M needs X at the lowest bits, cluster C has Y' (+ why, when the totals alone would fit) + what to change."""
     need, room, low = memory_need_and_room(cache)
     ctx = cache.ctx
+    capacity = sum(cache.fixed_memory(stem, 1, 1, first=False, last=False).capacity_bytes
+                   for _, stem in ctx.cluster.device_slots())
     text = (f"model {ctx.model or ctx.shape.family} with {ctx.shape.num_layers} layers needs {format_bytes(need)} at "
             f"the lowest bits ({low}-bit weights + KV cache for {ctx.workload.batch} sequences of "
-            f"{ctx.workload.kv_len} tokens + embedding/head), cluster {ctx.cluster.name} has {format_bytes(room)}")
+            f"{ctx.workload.kv_len} tokens + embedding/head), cluster {ctx.cluster.name} has {format_bytes(room)} "
+            f"for it ({format_bytes(capacity)} less each device's reserve, activations and buffers)")
     if need <= room:
         text += (" in total, but no arrangement fits: stages hold whole layers, and the first and last stages "
                  "also hold the embedding and the LM head")

@@ -35,6 +35,7 @@ from .limits import Deadline, SearchSettings
 from .methods import BASELINES, METHODS
 from .plan import Plan, StageMemoryPlan, StagePlan
 from .quality import Budget, OmegaTable, budget_from_spec, load_omega, load_ppl_map_if_any, ppl_increase, ppl_map_applies
+from .granularity import layer_uniform
 from .search import heuristic_candidates, search
 from .tables import CostCache
 
@@ -114,13 +115,12 @@ def _default_or_given_budget(spec: SolverSpec, defaulted: bool, cache: CostCache
     `DEFAULT_FALLBACK` (the strongest available: adabits fits whenever any plan does)."""
     if not defaulted or spec.budget_from is None:
         return _budget(spec, cache, omega, ppl_map, settings, deadline)
-    chain = [spec.budget_from] + [b for b in DEFAULT_FALLBACK if b != spec.budget_from]
-    for source in chain[:-1]:
+    for source in [spec.budget_from] + [b for b in DEFAULT_FALLBACK if b != spec.budget_from]:
         try:
             return _budget(replace(spec, budget_from=source), cache, omega, ppl_map, settings, deadline)
         except MemoryInfeasible:
             continue
-    return _budget(replace(spec, budget_from=chain[-1]), cache, omega, ppl_map, settings, deadline)
+    raise MemoryInfeasible(memory_message(cache), memory_report(cache))  # not even adabits fits: nothing does
 
 
 def _no_plan(cache: CostCache, deadline: Deadline, settings: SearchSettings) -> ValueError:
@@ -135,9 +135,12 @@ def _budget_error(cache: CostCache, omega: OmegaTable, settings: SearchSettings,
     least = least_omega(cache, omega, settings, deadline)
     if least is None and not deadline.expired():
         return MemoryInfeasible(memory_message(cache), memory_report(cache))
-    report = {"budget": budget.omega, "budget_source": budget.source,
-              "least_omega": None if least is None else least[0], "least_omega_plan": None if least is None else least[1]}
-    return BudgetInfeasible(budget_message(budget.omega, budget.source, least), report)
+    return BudgetInfeasible(budget_message(budget.omega, budget.source, least), _budget_report(budget, least))
+
+
+def _budget_report(budget: Budget, least: tuple[float, str, bool] | None) -> dict[str, Any]:
+    return {"budget": budget.omega, "budget_source": budget.source,
+            "least_omega": None if least is None else least[0], "least_omega_plan": None if least is None else least[1]}
 
 
 def solve_candidates(exp: Experiment, cache: CostCache, omega: OmegaTable, ppl_map: Any, settings: SearchSettings,
@@ -162,6 +165,10 @@ def solve_candidates(exp: Experiment, cache: CostCache, omega: OmegaTable, ppl_m
                 raise _budget_error(cache, omega, settings, budget, deadline)
             raise _no_plan(cache, deadline, settings)
         return found, "timeout" if deadline.expired() else "feasible", None, budget, {}
+    if budget.bounded and layer_uniform(omega):  # the least Σω is exact and cheap here: an impossible budget fails fast
+        least = least_omega(cache, omega, settings, deadline)
+        if least is not None and least[2] and least[0] > budget.omega * (1 + OMEGA_TOL) + OMEGA_TOL:
+            raise BudgetInfeasible(budget_message(budget.omega, budget.source, least), _budget_report(budget, least))
     seeds = [seed] if seed is not None else []
     result = search(cache.ctx, omega, budget.omega, settings, seeds, deadline, cache)
     found = result.candidates + seeds

@@ -69,6 +69,24 @@ def proxy_omega(shape: ModelShape, bits: Sequence[int]) -> OmegaTable:
     return OmegaTable(tuple(bits), np.stack(cols, axis=1), "proxy")
 
 
+def layer_pattern(table: OmegaTable, bits: int = PROXY_REFERENCE_BITS) -> np.ndarray:
+    """A measured table's per-layer shape: its ω column at `bits`, divided by its mean (mean 1)."""
+    column = table.column(bits)
+    if column.mean() <= 0:
+        raise ValueError(f"ω table has no positive ω at {bits} bits to take a per-layer pattern from")
+    return column / column.mean()
+
+
+def scaled_omega(base: OmegaTable, pattern: Sequence[float]) -> OmegaTable:
+    """`base` with layer i's row scaled by `pattern` (points spread evenly over the layers, linearly interpolated
+    at layer i): a per-layer ω of realistic shape for a model with no table of its own. The source stays `base`'s."""
+    points = np.asarray(pattern, dtype=float)
+    if points.ndim != 1 or len(points) < 2 or (points < 0).any():
+        raise ValueError("a per-layer pattern needs at least two non-negative values")
+    scale = np.interp(np.linspace(0.0, 1.0, base.num_layers), np.linspace(0.0, 1.0, len(points)), points)
+    return OmegaTable(base.bits, base.values * scale[:, None], base.source, base.indicator)
+
+
 def choose_indicator(available: Sequence[str], wanted: str | None) -> str:
     """The indicator to plan with: `wanted` if given, else the first of INDICATOR_PREFERENCE present."""
     if wanted is not None:
