@@ -33,7 +33,7 @@ from llmpq.costmodel.estimate import estimate
 
 from .candidate import Candidate
 from .errors import MemoryInfeasible, SolveTimeout
-from .feasibility import MEMORY_ADVICE, memory_message, memory_report, over_text
+from .feasibility import MEMORY_ADVICE, memory_message, memory_need_and_room, memory_report, over_text
 from .heuristic import busy_tables
 from .limits import Deadline, SearchSettings
 from .methods import BASELINES
@@ -134,7 +134,8 @@ def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
                 return BaselinePlan(_candidate(tb, a), "optimal", 0.0)
         lowest = tb.bits[common_bits(tb)[-1]] if common_bits(tb) and lowest is None else lowest
     n = len(cluster.device_slots())
-    if n > layers or lowest is None:
+    need, room, _ = memory_need_and_room(cache)
+    if n > layers or lowest is None or need > room:  # nothing fits at all: say that
         raise _no_fit(cache, "uniform")
     report = memory_report(cache, even_counts(layers, n), lowest, b)
     raise MemoryInfeasible(f"uniform: an even split of the {layers} layers at {lowest}-bit, the lowest bit-width every "
