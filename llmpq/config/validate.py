@@ -268,6 +268,7 @@ def _default_budget(r: Reader) -> DefaultBudget | None:
     d = r.sub("default_budget")
     spec = DefaultBudget(max_ppl_increase=d.get("max_ppl_increase", float, None, non_negative),
                          budget_from=d.get("budget_from", str, None, one_of(KNOWN_BASELINES)))
+    d.finish()  # a typo is named before the emptiness it causes
     if spec.max_ppl_increase is None and spec.budget_from is None:
         raise d.fail("budget_from", "give max_ppl_increase, budget_from or both (or set default_budget: null)")
     return spec
