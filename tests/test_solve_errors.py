@@ -142,3 +142,12 @@ def test_deploy_skips_an_infeasible_method(tmp_path, capsys):
     assert main(["deploy", *C4, "solver=uniform", f"plan={plan}", f"out={runs}", f"results={tmp_path}"]) == 0
     assert "skipped uniform: no plan (memory infeasible)" in capsys.readouterr().out
     assert read_table("runs", runs).num_rows == 0 and "memory infeasible" in read_meta(runs)["skipped"]
+
+
+def test_generate_skips_an_infeasible_method(tmp_path, capsys):
+    plan = tmp_path / "uniform.json"
+    assert main(["solve", *C4, "solver=uniform", f"results={tmp_path}", f"out={plan}", "infeasible=record"]) == 0
+    out = tmp_path / "uniform.jsonl"
+    assert main(["generate", *C4, "solver=uniform", f"plan={plan}", f"out={out}", f"results={tmp_path}"]) == 0
+    assert "skipped uniform" in capsys.readouterr().out
+    assert out.read_text() == "" and read_table("generate_runs", out.with_suffix(".runs.parquet")).num_rows == 0

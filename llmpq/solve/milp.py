@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from .tables import Assignment, ProblemTables
+from .tables import Assignment, ProblemTables, omega_of, surrogate_ms, violations
 
 BACKENDS = ("highs", "cbc")
 # Determinism: HiGHS runs on one thread with a fixed seed, so the same model gives the same search on any
@@ -354,8 +354,6 @@ def solve_branch(tb: ProblemTables, options: MilpOptions = MilpOptions(), object
 
     The returned objective is recomputed from the solution (F of `tables`, or Σω).
     """
-    from .tables import omega_of, surrogate_ms, violations
-
     if tb.n_stages > tb.n_items:
         return MilpResult("infeasible", None, None, math.inf)
     counts = options.aggregate and interchangeable(tb)

@@ -33,8 +33,6 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from llmpq.costmodel.context import CostContext
 from llmpq.costmodel.pipeline import surrogate_cycle_weights, surrogate_points
 
