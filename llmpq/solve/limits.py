@@ -45,7 +45,8 @@ class SearchSettings:
     """Work limits and tolerances of the search, the baselines' MILPs and the refinement of grouped layers.
 
     Deterministic limits: `max_milps` MILPs in the main search, at most `item_milps` of them per-item models
-    (far more work each), and at most `max_lp_screens` LP screens; each MILP of at most `node_limit` nodes (count models) or `item_node_limit` nodes
+    (far more work each), and at most `max_lp_screens` LP screens, ending after `fruitless_grouped` grouped
+    MILPs found no plan within the budget and the incumbent; each MILP of at most `node_limit` nodes (count models) or `item_node_limit` nodes
     (per-item models); branches whose per-item model would
     exceed `item_cells` binaries group consecutive layers; afterwards the best `refine_branches` grouped
     branches are re-solved per layer around their grouped solutions (`granularity.refine`: at most
@@ -61,17 +62,18 @@ class SearchSettings:
     theta: float = 0.0
     rel_gap: float = 1e-4
     candidate_slack: float = 0.003
-    max_milps: int = 250
+    max_milps: int = 120
     item_milps: int = 8
-    max_lp_screens: int = 150
+    fruitless_grouped: int = 3
+    max_lp_screens: int = 100
     node_limit: int = 2000
     item_node_limit: int = 200
     item_cells: int = 300
     refine_branches: int = 2
     refine_transplants: int = 2
-    refine_milps: int = 6
+    refine_milps: int = 5
     refine_rounds: int = 2
     refine_window: int = 2
-    refine_node_limit: int = 200
+    refine_node_limit: int = 100
     screen: bool = True          # LP relaxation of the count model before each branch's MILP
     heuristic_seed: bool = True  # the heuristic's plan of the first branch visited as a first incumbent

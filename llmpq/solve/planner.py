@@ -165,7 +165,8 @@ def solve_candidates(exp: Experiment, cache: CostCache, omega: OmegaTable, ppl_m
                 raise _budget_error(cache, omega, settings, budget, deadline)
             raise _no_plan(cache, deadline, settings)
         return found, "timeout" if deadline.expired() else "feasible", None, budget, {}
-    if budget.bounded and layer_uniform(omega):  # the least Σω is exact and cheap here: an impossible budget fails fast
+    if budget.bounded and seed is None and layer_uniform(omega):
+        # the least Σω is exact and cheap here, so an impossible budget fails fast (a budget_from seed meets its own)
         least = least_omega(cache, omega, settings, deadline)
         if least is not None and least[2] and least[0] > budget.omega * (1 + OMEGA_TOL) + OMEGA_TOL:
             raise BudgetInfeasible(budget_message(budget.omega, budget.source, least), _budget_report(budget, least))

@@ -11,7 +11,9 @@
    cutoff; every solution is kept as a candidate. The slack keeps near-optimal plans of other branches
    for the exact re-scoring, which may rank them first.
 3. Work limits make the result deterministic (`limits.SearchSettings`): at most `max_milps` MILPs, of which
-   at most `item_milps` per-item ones, each with a node limit. The deadline is a safety net (status `timeout`,
+   at most `item_milps` per-item ones, each with a node limit; the main loop also ends after
+   `fruitless_grouped` grouped MILPs found no plan within the budget and the cutoff (a budget as tight as a
+   per-layer plan's Σω needs per-layer freedom: step 4). The deadline is a safety net (status `timeout`,
    and only then may the plan depend on the machine).
 4. Per-item models with many items (ω that differs by layer, large L·N·|bits|) group consecutive layers
    (`granularity`); after the main loop the best `refine_branches` grouped branches are re-solved per layer
@@ -186,10 +188,12 @@ def search(ctx: CostContext, omega: OmegaTable, budget: float, settings: SearchS
     bounds: list[float] = []
     screened: dict[tuple, ProblemTables] = {}
     status, milps, item_milps, lps, grouped_any, seeded = "optimal", 0, 0, 0, False, False
+    fruitless = 0
     while True:
         if queue.peek_bound() >= incumbent * (1 + settings.candidate_slack):
             break
-        if milps >= settings.max_milps or item_milps >= settings.item_milps:
+        if (milps >= settings.max_milps or item_milps >= settings.item_milps
+                or fruitless >= settings.fruitless_grouped):
             status = "feasible"
             break
         screen = settings.screen and lps < settings.max_lp_screens
@@ -230,6 +234,9 @@ def search(ctx: CostContext, omega: OmegaTable, budget: float, settings: SearchS
         result = solve_branch(tb, options)
         milps += 1
         item_milps += 0 if counts else 1
+        grouped = layers_per_item(tb) > 1
+        if grouped and result.assignment is None:
+            fruitless += 1  # nothing within the budget and cutoff at this granularity: per-layer refinement's job
         if result.status == "timeout":
             status = "timeout"
         elif result.status in ("feasible", "limit") and status == "optimal":
@@ -239,7 +246,6 @@ def search(ctx: CostContext, omega: OmegaTable, budget: float, settings: SearchS
                                         float(result.objective), layers_per_item(tb)))
             solved[br.slots, br.b_p, br.b_d] = tb
             incumbent = min(incumbent, float(result.objective))
-        grouped = layers_per_item(tb) > 1
         grouped_any = grouped_any or grouped
         bounds.append(br.bound if grouped else max(br.bound, result.bound))
     refine_milps = 0
@@ -266,23 +272,24 @@ def _refine_best(cache: CostCache, queue: BranchQueue, omega: OmegaTable, pool: 
                  solved: dict[tuple, ProblemTables], budget: float, settings: SearchSettings,
                  deadline: Deadline) -> tuple[list[Candidate], int, bool]:
     """Per-layer refinements (`granularity.refine`) of the pool's plans (grouped MILP solutions, heuristic and
-    seed plans): the best plans of the best `refine_branches` branches on their own branch, then the best plan
-    moved to the `refine_transplants` other micro-batch pairs of its order with the least bound; at most
-    `refine_milps` MILPs. Returns the improved plans, the MILPs run, and whether the deadline stopped it."""
+    seed plans): the best plan moved to the `refine_transplants` other micro-batch pairs of its order with the least
+    bound, then the best plans of the best `refine_branches` branches on their own branch; at most `refine_milps`
+    MILPs. Returns the improved plans, the MILPs run, and whether the deadline stopped it."""
     ranked = sorted(pool, key=lambda c: (c.surrogate_ms, c.key()))
-    tasks, seen = [], set()
+    own, seen = [], set()
     for c in ranked:
         key = (c.slots, c.b_p, c.b_d)
-        if key not in seen and len(tasks) < settings.refine_branches and (c.layers_per_item > 1 or c.source != "milp"):
-            tasks.append((c, c.b_p, c.b_d))
+        if key not in seen and len(own) < settings.refine_branches and (c.layers_per_item > 1 or c.source != "milp"):
+            own.append((c, c.b_p, c.b_d))
         seen.add(key)
+    moved = []
     if ranked:
         best = ranked[0]
         pb = order_bounds(queue.arrays, best.slots, queue.layers, queue.cycle_w, queue.omega_min, budget)
         pairs = sorted((float(pb.lower[i, k]), b_p, b_d) for i, b_p in enumerate(pb.prefill_sizes)
                        for k, b_d in enumerate(pb.decode_sizes) if math.isfinite(pb.lower[i, k]))
         moved = [(best, b_p, b_d) for _, b_p, b_d in pairs if (best.slots, b_p, b_d) not in seen]
-        tasks += moved[:settings.refine_transplants]
+    tasks = moved[:settings.refine_transplants] + own
     out, milps = [], 0
     for c, b_p, b_d in tasks:
         if milps >= settings.refine_milps:
