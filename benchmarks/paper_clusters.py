@@ -33,7 +33,8 @@ device's fastest bit-width, kernel and micro-batch, ignoring memory and links; n
 `mean_ratio_vs_uniform_best`, `min_ratio_vs_uniform_best`, `min_bound_ratio`, `milp_share` (budget_from rows
 whose winning plan came from the MILP, not a baseline's plan returned as llmpq's), `median_gap` (llmpq rows),
 `max_solve_s`, `max_process_s`, `within_time_limit` (every solve ≤ time_limit_s + 1 s), `deadline_hits`,
-`identical_on_second_run`, `plans_sha256`.
+`identical_on_second_run` (and `differs_on_second_run`: the rows that did not), `plans_sha256`; each row has
+its plan's `plan_sha256`.
 
 Run from the repository root: `python benchmarks/paper_clusters.py` (on 2 cores about 15 minutes: two passes
 of both kinds); writes `benchmarks/results/paper_clusters.json` and prints a one-line summary.
@@ -179,6 +180,7 @@ def run_case(cluster: str, workload: str, kind: str, pattern: tuple[float, ...],
                        kernels=sorted({f"{s.device}:{b}:{k}" for s in p.stages for b, k in s.kernels}))
             made[(method, budget_from)] = p
             texts.append(to_json(p))
+            row["plan_sha256"] = hashlib.sha256(texts[-1].encode()).hexdigest()
             if method in BASELINES:
                 feasible.add(method)
         rows.append(row)
@@ -208,6 +210,10 @@ def case_ratios(rows: list[dict]) -> dict:
     return {"best_baseline": best, "ratio_vs_best_baseline": ratios.get(best), "ratio_vs_baseline": ratios}
 
 
+def row_key(row: dict) -> str:
+    return f"{row['cluster']}/{row['workload']}/{row['method']}" + (f"@{row['budget_from']}" if row["budget_from"] else "")
+
+
 def one_pass(kind: str, clusters: list[str], pattern: tuple[float, ...], timed_process: bool):
     rows, cases, texts = [], [], []
     with tempfile.TemporaryDirectory() as empty:  # no profiles, links or sensitivity: roofline latency
@@ -220,8 +226,8 @@ def one_pass(kind: str, clusters: list[str], pattern: tuple[float, ...], timed_p
     return rows, cases, hashlib.sha256("".join(texts).encode()).hexdigest()
 
 
-def summarise(rows: list[dict], cases: list[dict], digest: str, again: str | None, time_limit: float) -> dict:
-    """The per-kind keys (module docstring)."""
+def summarise(rows: list[dict], cases: list[dict], digest: str, again: list[dict] | None, time_limit: float) -> dict:
+    """The per-kind keys (module docstring); `again`: the second pass's rows."""
     best = [c["ratio_vs_best_baseline"] for c in cases if c["ratio_vs_best_baseline"] is not None]
     every = [r for c in cases for r in c["ratio_vs_baseline"].values()]
     vs_ub = [c["ratio_vs_uniform_best"] for c in cases if c.get("ratio_vs_uniform_best") is not None]
@@ -243,8 +249,16 @@ def summarise(rows: list[dict], cases: list[dict], digest: str, again: str | Non
         "within_time_limit": all(r["solve_s"] <= time_limit + 1.0 for r in rows),
         "deadline_hits": sum(bool(r.get("deadline_hit")) for r in rows),
         "plans_sha256": digest,
-        "identical_on_second_run": None if again is None else again == digest,
+        "identical_on_second_run": None if again is None else not differing(rows, again),
+        "differs_on_second_run": None if again is None else differing(rows, again),
     }
+
+
+def differing(rows: list[dict], again: list[dict]) -> list[str]:
+    """Rows whose plan (or error) is not the same in both passes."""
+    first = {row_key(r): r.get("plan_sha256") or r.get("error") for r in rows}
+    second = {row_key(r): r.get("plan_sha256") or r.get("error") for r in again}
+    return sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"note": NOTE, "bound": BOUND, "rows": [], "cases": []}
     for kind in args.kinds:
         rows, cases, digest = one_pass(kind, args.clusters, pattern, timed_process=True)
-        again = one_pass(kind, args.clusters, pattern, timed_process=False)[2] if args.passes == 2 else None
+        again = one_pass(kind, args.clusters, pattern, timed_process=False)[0] if args.passes == 2 else None
         keys = summarise(rows, cases, digest, again, time_limit)
         result["rows"] += rows
         if kind == "proxy":
