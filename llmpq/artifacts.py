@@ -86,7 +86,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "eval": pa.schema([
         ("method", pa.string()), ("measured_tok_s", pa.float64()), ("predicted_tok_s", pa.float64()),
         ("prefill_rel_error", pa.float64()), ("decode_rel_error", pa.float64()), ("perplexity", pa.float64()),
-        ("omega", pa.float64()), ("ratio_vs_best_baseline", pa.float64()),
+        ("omega", pa.float64()),
+        # measured tok/s over the fastest baseline of equal or worse quality (Σω or measured perplexity), and its name
+        ("ratio_vs_best_baseline", pa.float64()), ("compared_with", pa.string()),
+        ("plan_status", pa.string()),  # the plan's solver.status; "infeasible (memory|budget)": no plan, no numbers
         # the batch job on the workload's prompts file (llmpq generate), NaN where it has not run
         ("generate_tok_s", pa.float64()), ("generate_predicted_tok_s", pa.float64()),
         ("generate_rel_error", pa.float64()),

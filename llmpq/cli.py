@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ TOOLS: dict[str, tuple[str, str]] = {
                       "link profiles/slurm where `snakemake --profile slurm` finds it (install|show|remove)"),
 }
 
-RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "engine", "prompts")
+RESERVED = ("out", "plan", "device", "bits", "indicator", "results", "engine", "prompts", "infeasible")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class VerbArgs:
     config_dir: str | None = None
     overrides: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    infeasible: str = "fail"       # solve: fail (error, exit 1) | record (write the infeasibility as the plan, exit 0)
+    started: float | None = None   # time.monotonic() when the command started (the solve's deadline counts from it)
 
 
 def print_config(exp, args: VerbArgs) -> int:
@@ -81,6 +84,8 @@ def _split(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
             overrides.append(p)
     return reserved, overrides
 
+
+INFEASIBLE_MODES = ("fail", "record")
 
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "transformers")
 
@@ -120,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one verb. Exit codes: 0 done, 2 bad configuration or arguments, 1 any other failure (one line on
     stderr naming what to change; `--debug` shows the traceback)."""
+    started = time.monotonic()
     args = _parser().parse_args(argv)
     if args.verb in TOOLS:
         module, func = TOOLS[args.verb][0].split(":")
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"llmpq {args.verb}: bits: expected an integer, got {reserved['bits']!r}", file=sys.stderr)
         return 2
+    if reserved.get("infeasible", "fail") not in INFEASIBLE_MODES:
+        print(f"llmpq {args.verb}: infeasible: expected one of {', '.join(INFEASIBLE_MODES)}, got "
+              f"{reserved['infeasible']!r}", file=sys.stderr)
+        return 2
     try:
         exp = compose_experiment(overrides, config_dir=args.config_dir, cluster_defaults=True)
         results = Path(reserved.get("results") or exp.raw.get("results_dir") or "results")
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             engine=reserved.get("engine"),
             prompts=Path(reserved["prompts"]) if "prompts" in reserved else None,
             results=results, config_dir=args.config_dir, overrides=tuple(overrides),
+            infeasible=reserved.get("infeasible", "fail"), started=started,
         )
         module, func = VERBS[args.verb][0].split(":")
         return int(getattr(importlib.import_module(module), func)(exp, verb_args) or 0)

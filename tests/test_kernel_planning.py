@@ -18,7 +18,7 @@ from llmpq.solve.orders import full_orders
 from llmpq.solve.plan import PlanError, from_dict, read_plan, to_dict, to_json
 from llmpq.solve.planner import solve
 from llmpq.solve.quality import proxy_omega
-from llmpq.solve.search import SearchSettings
+from llmpq.solve.limits import SearchSettings
 from llmpq.solve.tables import CostCache, build_tables
 
 from test_solver import small_experiment

@@ -27,7 +27,7 @@ from llmpq.solve.partition import min_max_counts
 from llmpq.solve.plan import to_json
 from llmpq.solve.planner import solve
 from llmpq.solve.quality import OmegaTable, budget_from_spec, proxy_omega
-from llmpq.solve.search import SearchSettings
+from llmpq.solve.limits import SearchSettings
 from llmpq.solve.tables import (Assignment, CostCache, ProblemTables, build_tables, omega_of, stage_bytes,
                                 surrogate_ms, violations)
 
@@ -260,7 +260,7 @@ def test_search_matches_brute_force_under_the_cost_model(small, budget, tmp_path
         best_surrogate = min(best_surrogate, surrogate_ms(tb, a))
         best_exact = max(best_exact, e.throughput_tok_s)
     assert feasible_plans > 10
-    solver = replace(exp.solver, max_omega=budget)
+    solver = replace(exp.solver, max_omega=budget, default_budget=None)
     out = solve(replace(exp, solver=solver), tmp_path, ctx=ctx, omega=omega)
     assert out.plan.status == "optimal"
     assert out.plan.objective == pytest.approx(best_surrogate, rel=1e-6)
@@ -376,7 +376,8 @@ def test_memory_infeasible_names_need_and_room(tmp_path):
     ctx = build_context(exp, tmp_path, shape=shape)
     for method in ("llmpq", "pipeedge", "heuristic"):
         with pytest.raises(MemoryInfeasible,
-                           match=r"needs [\d.]+ GiB at the lowest bits.*cluster small3 has [\d.]+ GiB"):
+                           match=r"model opt-30b with 3 layers needs [\d.]+ [KMG]iB at the lowest bits.*cluster small3 "
+                                 r"has [\d.]+ [KMG]iB for it \([\d.]+ [KMG]iB less .*\); add devices"):
             solve(replace(exp, solver=replace(exp.solver, name=method, method=method)), tmp_path, ctx=ctx,
                   omega=proxy_omega(shape, (16, 8, 4)))
 

@@ -74,9 +74,9 @@ def test_overlapping_spreads_are_within_noise_and_apart_are_not():
 
     plans = {"llmpq": plan([[16, 16, 16], [16]], b_p=3), "uniform": plan([[8, 8], [8, 8]])}
     close = compare([result("llmpq", 3100.0, 2900, 3300), result("uniform", 3000.0, 2800, 3150)], plans)
-    assert close["llmpq"].within_noise and close["llmpq"].text == "1.03x (within noise)"
+    assert close["llmpq"].within_noise and close["llmpq"].text == "1.03x uniform (within noise)"
     apart = compare([result("llmpq", 5000.0, 4900, 5100), result("uniform", 3000.0, 2900, 3100)], plans)
-    assert not apart["llmpq"].within_noise and apart["llmpq"].text == "1.67x"
+    assert not apart["llmpq"].within_noise and apart["llmpq"].text == "1.67x uniform"
     text = summary_markdown("t", [result("llmpq", 3100.0, 2900, 3300), result("uniform", 3000.0, 2800, 3150)], close)
     assert "2900–3300 (3)" in text and "within noise" in text
     rows = [{**row("llmpq", 3100.0), "measured_tok_s_min": 2900.0, "measured_tok_s_max": 3300.0},

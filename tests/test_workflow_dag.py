@@ -1,5 +1,6 @@
 """The Snakemake DAG resolves for the default config and for plan-only mode (dry runs, no work done)."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ def test_default_dag(empty_workdir):
     assert counts["tiny_model"] == 1
     assert counts["profile"] == 2                 # cpu-large and cpu-small
     assert counts["quantize"] == 5                # bits 16, 8, 4, 3, 2
-    assert counts["solve"] == counts["deploy"] == 5 + 2   # s64-n16-b8 x 5 methods, example-prompts x 2
+    assert counts["solve"] == counts["deploy"] == 7 + 2   # s64-n16-b8 x 7 methods (2 llmpq-vs-*), example-prompts x 2
     assert counts["generate"] == 2                # the batch job on examples/prompts.jsonl, per method
     assert counts["evaluate"] == 2
 
@@ -33,6 +34,20 @@ def test_plan_only_dag_has_no_weights_work(empty_workdir):
     counts = planned_jobs(empty_workdir, "plan_only")
     assert counts["solve"] == 5 * 14              # 14 (cluster, workload) cases of the paper x 5 methods
     assert "quantize" not in counts and "profile" not in counts and "deploy" not in counts
+
+
+@pytest.mark.slow
+def test_plan_only_records_infeasible_methods_and_goes_on(empty_workdir):
+    """paper-c4's uniform baseline cannot fit: its plan records why, and the other methods' plans are made."""
+    relative = "results/plans/opt-30b/paper-c4/s512-n100-b32"
+    plans = empty_workdir / relative
+    snakemake(empty_workdir, "--cores", "2", *(f"{relative}/{s}.json" for s in ("uniform", "pipeedge", "llmpq")),
+              timeout=600)
+    uniform = json.loads((plans / "uniform.json").read_text())
+    assert uniform["solver"]["status"] == "infeasible" and uniform["infeasible"]["kind"] == "memory"
+    assert uniform["stages"] == [] and uniform["infeasible"]["devices"]
+    for method in ("pipeedge", "llmpq"):
+        assert json.loads((plans / f"{method}.json").read_text())["stages"]
 
 
 @pytest.mark.slow

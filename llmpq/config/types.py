@@ -158,6 +158,15 @@ class WorkloadSpec:
 
 
 @dataclass(frozen=True)
+class DefaultBudget:
+    """The quality budget a solver config takes when it gives none: `max_ppl_increase` (relative %) where the
+    model has a ppl_map fitted on the plan's indicator, else Σω of the `budget_from` method's plan."""
+
+    max_ppl_increase: float | None = None
+    budget_from: str | None = None
+
+
+@dataclass(frozen=True)
 class SolverSpec:
     name: str
     method: str
@@ -169,6 +178,7 @@ class SolverSpec:
     theta: float = 0.0
     decode_points: int = 3
     engine: str | None = None      # plan only what this inference engine runs fast (llmpq.export.engine)
+    default_budget: DefaultBudget | None = None   # the budget when none of the three above is given
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from typing import Any, Callable, Mapping
 
 from ..data.prompt_source import OVERLONG_MODES, STOP_MODES, prompts_kind
 from .dtypes import MODEL_DTYPES
+from ..solve.methods import BASELINES, METHODS
 from .errors import ConfigError
 from .types import (
     ClusterSpec,
+    DefaultBudget,
     DeviceSpec,
     Efficiency,
     Link,
@@ -24,7 +26,8 @@ from .types import (
 )
 
 KNOWN_BITS = (16, 8, 4, 3, 2)
-KNOWN_METHODS = ("llmpq", "pipeedge", "uniform", "adabits", "heuristic", "uniform-best")
+KNOWN_METHODS = METHODS
+KNOWN_BASELINES = BASELINES
 KNOWN_BACKENDS = ("highs", "cbc")
 KNOWN_SCHEMES = ("gptq", "rtn")
 KNOWN_FAMILIES = ("opt", "bloom", "llama", "qwen2", "mistral")
@@ -292,6 +295,19 @@ def workload_spec(file: str, data: Mapping[str, Any]) -> WorkloadSpec:
     return spec
 
 
+def _default_budget(r: Reader) -> DefaultBudget | None:
+    if r.data.get("default_budget") is None:
+        r.allow("default_budget")
+        return None
+    d = r.sub("default_budget")
+    spec = DefaultBudget(max_ppl_increase=d.get("max_ppl_increase", float, None, non_negative),
+                         budget_from=d.get("budget_from", str, None, one_of(KNOWN_BASELINES)))
+    d.finish()  # a typo is named before the emptiness it causes
+    if spec.max_ppl_increase is None and spec.budget_from is None:
+        raise d.fail("budget_from", "give max_ppl_increase, budget_from or both (or set default_budget: null)")
+    return spec
+
+
 def solver_spec(file: str, data: Mapping[str, Any]) -> SolverSpec:
     r = Reader(file, data)
     spec = SolverSpec(
@@ -305,6 +321,7 @@ def solver_spec(file: str, data: Mapping[str, Any]) -> SolverSpec:
         theta=r.get("theta", float, 0.0, non_negative),
         decode_points=r.get("decode_points", int, 3, positive),
         engine=r.get("engine", str, None, one_of(KNOWN_ENGINES)),
+        default_budget=_default_budget(r),
     )
     budgets = [k for k in ("max_ppl_increase", "max_omega", "budget_from") if getattr(spec, k) is not None]
     if len(budgets) > 1:

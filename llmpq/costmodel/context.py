@@ -26,6 +26,7 @@ class CostContext:
     quant: QuantSpec
     latency: LatencyModel
     links: Mapping[str, Link] = field(default_factory=dict)
+    model: str = ""   # the model config's name (for messages; the shape says only its family)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", MappingProxyType(dict(self.devices)))
@@ -67,4 +68,4 @@ def build_context(exp: Experiment, results: Path, shape: ModelShape | None = Non
     links_file = paths.links_path(Path(results), exp.cluster.name)
     links = read_links(links_file) if links_file.is_file() else {}
     return CostContext(shape=shape, devices=exp.devices, cluster=exp.cluster, workload=exp.workload,
-                       quant=exp.model.quant, latency=latency, links=links)
+                       quant=exp.model.quant, latency=latency, links=links, model=exp.model.name)

@@ -5,9 +5,13 @@ Where `llmpq generate` has run a method's plan over the workload's prompts file,
 
 Comparisons a user can trust (`compare`): each deploy ran the schedule several times, so a method's measured
 tokens/s has a spread (from the slowest and fastest runs of each phase); a ratio to the best baseline whose
-spread overlaps the baseline's is marked within noise; methods whose plans are identical (same stages,
+spread overlaps the baseline's is marked within noise (the baseline is the one named below); methods whose plans are identical (same stages,
 bits and micro-batches) are reported as identical instead of ranked; and where a run's idle reference
 timing says the machine was loaded (`llmpq.profile.reference`), the ranking is withheld.
+
+"vs best baseline" is fair: each non-baseline plan is compared only with the baselines of equal or worse
+quality (Σω at least its own, or measured perplexity at least its own), and the table names the baseline it
+was compared with. A method recorded as infeasible (its plan says so) is listed with its status and no numbers.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from .. import paths
 from ..artifacts import provenance, read_table, write_table, write_text
 from ..generate.outputs import runs_path
 from ..profile.load import LOADED_FACTOR, busy_machine, is_loaded
+from ..solve.methods import is_baseline
+from ..solve.plan import is_infeasible
 from . import plots
 from .summary import same_plan
 
-BASELINES = ("pipeedge", "uniform", "adabits")
+OMEGA_TOL = 1e-9  # relative: Σω equal within rounding counts as equal quality
 
 
 @dataclass(frozen=True)
@@ -48,17 +54,28 @@ class MethodResult:
     measured_tok_s_max: float = math.nan    # from the fastest
     repeats: int = 1
     load_factor: float = math.nan           # the largest over the run's stages
+    plan_status: str = ""      # the plan's solver.status (optimal, feasible, timeout, infeasible)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """A method against the best baseline: the ratio of measured tokens/s, whether the spreads overlap, the method
-    whose plan it repeats (if any), and the text the summary shows."""
+    """A method against the fastest baseline of equal or worse quality (`compared_with`): the ratio of measured
+    tokens/s, whether the spreads overlap, the method whose plan it repeats (if any), and the text the summary
+    shows."""
 
     ratio: float
+    compared_with: str
     within_noise: bool
     identical_to: str
     text: str
+
+
+def infeasible_result(method: str, plan: dict) -> MethodResult:
+    """A method recorded as infeasible: its status, no measurements."""
+    nan = math.nan
+    return MethodResult(method=method, measured_tok_s=nan, predicted_tok_s=nan, prefill_rel_error=nan,
+                        decode_rel_error=nan, perplexity=nan, omega=nan,
+                        plan_status=f"infeasible ({plan['infeasible']['kind']})")
 
 
 def generate_throughput(rows: list[dict]) -> float:
@@ -109,6 +126,7 @@ def method_result(method: str, plan: dict, runs, perplexity: float) -> MethodRes
         omega=float(plan.get("quality", {}).get("omega") or 0.0),
         measured_tok_s_min=tok_s("wall_ms_max"), measured_tok_s_max=tok_s("wall_ms_min"),
         repeats=int(pc.min(runs["repeats"]).as_py()), load_factor=max(factors) if factors else math.nan,
+        plan_status=plan.get("solver", {}).get("status", ""),
     )
 
 
@@ -126,10 +144,13 @@ def stage_memory_rows(method: str, plan: dict, runs) -> list[dict]:
     return rows
 
 
-def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, float]:
-    """Measured throughput of each non-baseline method over the best baseline's."""
-    best = max((r.measured_tok_s for r in results if r.method in BASELINES), default=math.nan)
-    return {r.method: (r.measured_tok_s / best if r.method not in BASELINES and best == best else math.nan) for r in results}
+def comparable(plan: MethodResult, baseline: MethodResult) -> bool:
+    """Whether `baseline` is of equal or worse quality than `plan`: Σω at least the plan's (within rounding), or
+    measured perplexity at least the plan's."""
+    omega = baseline.omega >= plan.omega * (1 - OMEGA_TOL) - OMEGA_TOL
+    ppl = baseline.perplexity == baseline.perplexity and plan.perplexity == plan.perplexity and \
+        baseline.perplexity >= plan.perplexity
+    return omega or ppl
 
 
 def spreads_overlap(a: MethodResult, b: MethodResult) -> bool:
@@ -151,21 +172,40 @@ def machine_loaded(results: list[MethodResult]) -> float | None:
     return max(loaded) if loaded else None
 
 
+def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, tuple[float, str]]:
+    """For each measured non-baseline method: (its measured throughput over the fastest measured baseline of equal or
+    worse quality (`comparable`), that baseline's name); (NaN, "") where none qualifies, and for baselines."""
+    measured = [r for r in results if r.measured_tok_s == r.measured_tok_s]
+    out: dict[str, tuple[float, str]] = {r.method: (math.nan, "") for r in results}
+    for r in measured:
+        if is_baseline(r.method):
+            continue
+        fair = [b for b in measured if is_baseline(b.method) and comparable(r, b)]
+        if fair:
+            best = max(fair, key=lambda b: (b.measured_tok_s, b.method))
+            out[r.method] = (r.measured_tok_s / best.measured_tok_s, best.method)
+    return out
+
+
 def compare(results: list[MethodResult], plans: dict[str, dict]) -> dict[str, Comparison]:
-    """Each method against the best baseline (module docstring): identical plans, overlapping spreads, a loaded
-    machine; a baseline's own row names only a plan identical to another method's."""
+    """Each method against the fastest baseline of equal or worse quality (module docstring): identical plans,
+    overlapping spreads, a loaded machine; a baseline's own row names only a plan identical to another method's."""
     ratios = ratio_vs_best_baseline(results)
-    baselines = [r for r in results if r.method in BASELINES]
-    best = max(baselines, key=lambda r: r.measured_tok_s, default=None)
+    by_name = {r.method: r for r in results}
+    fastest = max((r for r in results if is_baseline(r.method) and r.method in plans),
+                  key=lambda r: r.measured_tok_s, default=None)
     loaded = machine_loaded(results)
     out = {}
     for r in results:
-        twins = [o.method for o in results if o.method != r.method and same_plan(plans[r.method], plans[o.method])]
-        if best is not None and best.method in twins:
-            twins.remove(best.method)
-            twins.insert(0, best.method)
-        ratio = ratios.get(r.method, math.nan)
-        noise = best is not None and r.method != best.method and spreads_overlap(r, best)
+        ratio, base = ratios.get(r.method, (math.nan, ""))
+        twins = [o.method for o in results if o.method != r.method and r.method in plans and o.method in plans
+                 and same_plan(plans[r.method], plans[o.method])]
+        for first in (base, fastest.method if fastest else ""):
+            if first in twins:
+                twins.remove(first)
+                twins.insert(0, first)
+                break
+        noise = bool(base) and spreads_overlap(r, by_name[base])
         if twins:
             text = f"identical plan to {twins[0]}"
         elif ratio != ratio:
@@ -173,8 +213,8 @@ def compare(results: list[MethodResult], plans: dict[str, dict]) -> dict[str, Co
         elif loaded is not None:
             text = f"withheld: machine loaded (x{loaded:.2f})"
         else:
-            text = f"{ratio:.2f}x" + (" (within noise)" if noise else "")
-        out[r.method] = Comparison(ratio, noise, twins[0] if twins else "", text)
+            text = f"{ratio:.2f}x {base}" + (" (within noise)" if noise else "")
+        out[r.method] = Comparison(ratio, base, noise, twins[0] if twins else "", text)
     return out
 
 
@@ -198,8 +238,11 @@ def summary_markdown(title: str, results: list[MethodResult], comparisons: dict[
                      notes: Sequence[str] = ()) -> str:
     """A short table a person reads at the end of a run (and `notes` on how it was timed)."""
     lines = [f"### {title}", "", "| method | measured tok/s | spread (runs) | predicted tok/s | prefill err | decode err | "
-             "perplexity | Σω | vs best baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "perplexity | Σω | vs best baseline (equal or worse quality) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
+        if r.plan_status.startswith("infeasible"):
+            lines.append(f"| {r.method} | {r.plan_status} | | | | | | | |")
+            continue
         lo, hi = _spread(r)
         lines.append(f"| {r.method} | {r.measured_tok_s:.1f} | {lo:.0f}–{hi:.0f} ({r.repeats}) | {r.predicted_tok_s:.1f} | "
                      f"{r.prefill_rel_error:+.1%} | {r.decode_rel_error:+.1%} | {r.perplexity:.2f} | {r.omega:.3g} | "
@@ -243,10 +286,14 @@ def cli_evaluate(exp, args) -> int:
         if plan_file.name.endswith(".meta.json"):
             continue
         method = plan_file.stem
+        plan = json.loads(plan_file.read_text())
+        if is_infeasible(plan):
+            results.append(infeasible_result(method, plan))
+            print(f"evaluated {method}: infeasible ({plan['infeasible']['kind']})", flush=True)
+            continue
         run_file = paths.run_path(args.results, model, cluster, workload, method)
         if not run_file.is_file():
             continue
-        plan = json.loads(plan_file.read_text())
         plans[method] = plan
         ppl = _plan_perplexity(plan_file, weights, spec, token_ids, args.results, model, ppl_of)
         runs = read_table("runs", run_file)
@@ -254,18 +301,19 @@ def cli_evaluate(exp, args) -> int:
         results.append(with_generate(method_result(method, plan, runs, ppl), plan, job))
         stage_rows.extend(stage_memory_rows(method, plan, runs))
         print(f"evaluated {method}: {results[-1].measured_tok_s:.1f} tok/s measured, perplexity {ppl:.2f}", flush=True)
-    if not results:
+    if not plans:
         raise FileNotFoundError(f"{plan_dir}: no plan with a matching run to evaluate")
     comparisons = compare(results, plans)
-    rows = [{**vars(r), "ratio_vs_best_baseline": comparisons[r.method].ratio,
-             "within_noise": comparisons[r.method].within_noise, "identical_to": comparisons[r.method].identical_to,
-             "comparison": comparisons[r.method].text} for r in results]
+    rows = [{**vars(r), "ratio_vs_best_baseline": c.ratio, "compared_with": c.compared_with,
+             "within_noise": c.within_noise, "identical_to": c.identical_to, "comparison": c.text}
+            for r, c in ((r, comparisons[r.method]) for r in results)]
     figures = figure_dir(Path(out))
+    ran = [r for r in results if r.method in plans]
     plots.plot_plans(plans, figures / "plan.png")
-    plots.plot_throughput([r.method for r in results], [r.measured_tok_s for r in results],
-                          [r.predicted_tok_s for r in results], figures / "throughput.png")
-    plots.plot_quality([r.method for r in results], [r.measured_tok_s for r in results],
-                       [r.perplexity for r in results], figures / "quality.png")
+    plots.plot_throughput([r.method for r in ran], [r.measured_tok_s for r in ran],
+                          [r.predicted_tok_s for r in ran], figures / "throughput.png")
+    plots.plot_quality([r.method for r in ran], [r.measured_tok_s for r in ran],
+                       [r.perplexity for r in ran], figures / "quality.png")
     _fidelity_figure(exp, args.results, figures / "fidelity.png")
     text = summary_markdown(f"{model} on {cluster}, workload {workload}", results, comparisons,
                             timing_notes(exp, Path(args.results)))

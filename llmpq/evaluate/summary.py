@@ -20,8 +20,7 @@ from typing import Any, Mapping, Sequence
 from .. import paths
 from ..artifacts import read_table, write_text
 from ..profile.load import is_loaded
-
-BASELINE_METHODS = ("pipeedge", "uniform", "adabits", "uniform-best")
+from ..solve.methods import is_baseline
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (  # (eval column, header, format)
     ("method", "method", "{}"),
@@ -34,6 +33,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (  # (eval column, header, format)
     ("measured_tok_s_min", "slowest run tok/s", "{:,.1f}"),
     ("measured_tok_s_max", "fastest run tok/s", "{:,.1f}"),
     ("ratio_vs_best_baseline", "vs best baseline", "{:.2f}×"),   # shown as the row's `comparison` text where it has one
+    ("compared_with", "compared with (equal or worse quality)", "{}"),
+    ("plan_status", "plan status", "{}"),
     ("generate_tok_s", "batch job tok/s", "{:,.1f}"),
     ("generate_predicted_tok_s", "batch job predicted", "{:,.1f}"),
 )
@@ -66,14 +67,23 @@ def same_plan(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def why_paragraph(plans: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> str:
-    """Why the fastest measured method wins, against the best measured baseline, in terms of its plan."""
-    ranked = sorted(rows, key=lambda r: -r["measured_tok_s"])
+    """Why the fastest measured method wins, in terms of its plan, against the baseline it was fairly compared with
+    (`compared_with`: the best of equal or worse quality; for a winning baseline, the next best baseline)."""
+    measured = [r for r in rows if r.get("measured_tok_s") == r.get("measured_tok_s")]
+    ranked = sorted(measured, key=lambda r: -r["measured_tok_s"])
+    if not ranked:
+        return "No method ran."
     winner = ranked[0]
-    baselines = [r for r in ranked if r["method"] in BASELINE_METHODS and r["method"] != winner["method"]]
     name, plan = winner["method"], plans[winner["method"]]
     text = (f"{name} is the fastest here: {winner['measured_tok_s']:,.1f} tok/s measured "
             f"({winner['predicted_tok_s']:,.1f} predicted) with {bits_text(plan)}, {partition_text(plan)}, "
             f"{micro_batch_text(plan)}.")
+    if is_baseline(name) or "compared_with" not in winner:
+        baselines = [r for r in ranked if is_baseline(r["method"]) and r["method"] != name]
+    else:
+        baselines = [r for r in ranked if r["method"] == winner.get("compared_with")]
+        if not baselines:
+            return text + " No baseline has equal or worse quality to compare it with."
     if not baselines:
         return text
     other = baselines[0]

@@ -43,6 +43,7 @@ from ..runtime.launch import (LAUNCHERS, DeployError, DeployOptions, _run, check
                               launch_command, launch_mode, run_dtype, stage_specs)
 from ..runtime.stage import Placement
 from ..solve.plan import Plan, read_plan
+from ..solve.skip import infeasible_record, write_skipped
 from .outputs import OutputIdentity, finalize_output, id_key, partial_path, prepare_output, runs_path
 from .planning import PromptsInput, load_tokenizer, planning_workload, read_prompts
 
@@ -276,6 +277,11 @@ def cli_generate(exp: Experiment, args: Any) -> int:
     key = (results, exp.model.name, exp.cluster.name, exp.workload.name, exp.solver.name)
     plan_path = args.plan or paths.plan_path(*key)
     out = args.out or paths.output_path(*key)
+    infeasible = infeasible_record(plan_path)
+    if infeasible is not None:  # a method that cannot fit: no completions, an empty runs table
+        print(write_skipped("generate", infeasible, {"generate_runs": runs_path(Path(out))}, [Path(out)],
+                            exp.config_hash))
+        return 0
     options = GenerateOptions.from_raw(exp.raw.get("generate"))
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:

@@ -42,6 +42,7 @@ from ..slurm.rendezvous import first_slurm_node, free_port
 from ..slurm.submit import SubmitError
 from ..profile.load import is_loaded, load_average
 from ..solve.plan import Plan, read_plan
+from ..solve.skip import infeasible_record, write_skipped
 from .caps import DeviceMismatch, StageRefusal, check_caps, planned_memory
 from .job import RunJob, StageSpec
 from .kernel_check import KernelUnavailable, kernel_needs, plan_kernel_problems
@@ -372,6 +373,10 @@ def cli_deploy(exp: Experiment, args: Any) -> int:
     key = (results, exp.model.name, exp.cluster.name, exp.workload.name, exp.solver.name)
     plan_path = args.plan or paths.plan_path(*key)
     out = args.out or paths.run_path(*key)
+    infeasible = infeasible_record(plan_path)
+    if infeasible is not None:  # a method that cannot fit: an empty runs table, the workflow goes on
+        print(write_skipped("deploy", infeasible, {"runs": Path(out)}, config_hash=exp.config_hash))
+        return 0
     options = DeployOptions.from_raw(exp.raw.get("deploy"))
     try:
         result = deploy(exp, plan_path, out, options, results)

@@ -9,6 +9,10 @@ Modules (one job each; nothing is imported here, so reading a plan never imports
 - `milp`: the pulp model of one branch (per-item binaries, or exact counts for interchangeable items);
 - `bounds`: vectorised lower bounds per order over all micro-batch pairs; `orders`: device orders;
 - `search`: the branch-and-bound over orders and micro-batch pairs; `heuristic`: fast plans without a MILP;
-- `baselines`: pipeedge, uniform, adabits; `partition`: exact min-max partition of identical layers;
-- `quality`: ω tables (indicator or shape-only proxy) and the budget Ω; `feasibility`, `errors`: infeasibility.
+- `limits`: the solve's deadline and deterministic work limits; `granularity`: layer grouping and per-layer
+  refinement; `omega_min`: the least Σω that fits memory;
+- `baselines`: pipeedge, uniform, adabits, uniform-best; `methods`: method names; `partition`: exact min-max
+  partition of identical layers;
+- `quality`: ω tables (indicator or shape-only proxy) and the budget Ω; `feasibility`, `errors`: infeasibility;
+  `skip`: steps after solve skip a method recorded as infeasible.
 """

@@ -7,8 +7,10 @@ All use every device of the cluster and b_p = b_d = ⌈B/N⌉ (N devices).
   by `partition.min_max_counts`; the best order wins (ties: the first).
 - `uniform`: the cluster's file order (other orders only if nothing fits in it), an even split of the
   layers, the highest uniform bits that fit.
-- `adabits`: the least Σω that fits memory (a MILP with objective Σω), then, at that Σω, the fastest
-  such plan by the surrogate; over the first `ADABITS_ORDERS` distinct orders of the devices.
+- `adabits`: the least Σω that fits memory (`omega_min`: a MILP with objective Σω), then, at that Σω, the
+  fastest such plan by the surrogate (warm-started from the least-Σω plan, so never slower); over the first
+  `ADABITS_ORDERS` distinct orders of the devices. Exact where ω is the same for every layer; where it differs
+  by layer, the least Σω found within the work limits (status `feasible`).
 - `uniform-best` (what a careful vLLM user does by hand): one bit-width for every layer, chosen among the
   bit-widths with a fast kernel (one that does not materialise the weight, `conf/kernels.yaml`) on every
   device of the cluster; a memory-balanced partition (`memory_balanced_counts`: layers in proportion to
@@ -30,16 +32,19 @@ import numpy as np
 from llmpq.costmodel.estimate import estimate
 
 from .candidate import Candidate
-from .errors import MemoryInfeasible
+from .errors import MemoryInfeasible, SolveTimeout
+from .feasibility import MEMORY_ADVICE, memory_message, memory_need_and_room, memory_report, over_text
 from .heuristic import busy_tables
-from .milp import MilpOptions, solve_branch
+from .limits import Deadline, SearchSettings
+from .methods import BASELINES
+from .milp import MilpOptions, interchangeable, solve_branch
+from .granularity import refine
+from .omega_min import least_omega_plan
 from .orders import full_orders
 from .partition import even_counts, min_max_counts
 from .quality import OmegaTable
-from .search import SearchSettings
 from .tables import Assignment, CostCache, ProblemTables, Slot, build_tables, surrogate_ms, to_stages, violations
 
-BASELINES = ("pipeedge", "uniform", "adabits", "uniform-best")
 ADABITS_ORDERS = 24
 
 
@@ -83,10 +88,9 @@ def common_bits(tb: ProblemTables) -> list[int]:
     return sorted((c for c in range(tb.n_bits) if tb.allowed[:, c].all()), key=lambda c: -tb.bits[c])
 
 
-def _no_fit(cache: CostCache, method: str) -> MemoryInfeasible:
-    from .feasibility import memory_message
-
-    return MemoryInfeasible(f"{method}: {memory_message(cache)}")
+def _no_fit(cache: CostCache, method: str, layers_needed: tuple[int, ...] | None = None,
+            bits: int | None = None) -> MemoryInfeasible:
+    return MemoryInfeasible(f"{method}: {memory_message(cache)}", memory_report(cache, layers_needed, bits))
 
 
 def pipeedge(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
@@ -118,6 +122,7 @@ def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
     """Even split, highest uniform bits that fit (module docstring)."""
     cluster, layers = cache.ctx.cluster, omega.num_layers
     b = baseline_micro_batch(cache.ctx.workload.batch, len(cluster.device_slots()))
+    lowest = None
     for slots in full_orders(cluster):
         if len(slots) > layers:
             break
@@ -127,34 +132,47 @@ def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
             a = _uniform_assignment(counts, c)
             if not violations(tb, a):
                 return BaselinePlan(_candidate(tb, a), "optimal", 0.0)
-    raise _no_fit(cache, "uniform")
+        lowest = tb.bits[common_bits(tb)[-1]] if common_bits(tb) and lowest is None else lowest
+    n = len(cluster.device_slots())
+    need, room, _ = memory_need_and_room(cache)
+    if n > layers or lowest is None or need > room:  # nothing fits at all: say that
+        raise _no_fit(cache, "uniform")
+    report = memory_report(cache, even_counts(layers, n), lowest, b)
+    raise MemoryInfeasible(f"uniform: an even split of the {layers} layers at {lowest}-bit, the lowest bit-width every "
+                           f"device runs, does not fit: {over_text(report) or 'stages exceed memory'}; "
+                           f"{MEMORY_ADVICE}", report)
 
 
-def adabits(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
+def adabits(cache: CostCache, omega: OmegaTable, settings: SearchSettings,
+            deadline: Deadline | None = None) -> BaselinePlan:
     """Least Σω under memory only, then the fastest plan at that Σω (module docstring)."""
-    cluster, layers = cache.ctx.cluster, omega.num_layers
+    deadline = deadline or Deadline.after(settings.time_limit_s)
+    cluster = cache.ctx.cluster
     b = baseline_micro_batch(cache.ctx.workload.batch, len(cluster.device_slots()))
-    options = MilpOptions(backend=settings.backend, time_limit_s=settings.time_limit_s,
-                          node_limit=settings.node_limit, rel_gap=1e-9)
-    best: tuple[float, ProblemTables, str] | None = None
-    for slots in full_orders(cluster)[:ADABITS_ORDERS]:
-        if len(slots) > layers:
-            break
-        tb = _tables(cache, slots, b, omega, settings)
-        result = solve_branch(tb, options, objective="omega")
-        if result.assignment is not None and (best is None or result.objective < best[0] - 1e-15):
-            best = (float(result.objective), tb, result.status)
-    if best is None:
+    least = least_omega_plan(cache, omega, full_orders(cluster)[:ADABITS_ORDERS], b, b, settings, deadline)
+    if least is None:
+        if deadline.expired():
+            raise SolveTimeout(f"adabits: no plan found within solver.time_limit_s = {settings.time_limit_s:g} s; "
+                               "raise it")
         raise _no_fit(cache, "adabits")
-    omega_star, tb, status = best
-    budget = omega_star * (1 + 1e-9) + 1e-15
-    tb = _tables(cache, tb.slots, b, omega, settings, budget=budget)
-    fast = solve_branch(tb, MilpOptions(backend=settings.backend, time_limit_s=settings.time_limit_s,
-                                        node_limit=settings.node_limit, rel_gap=settings.rel_gap))
-    if fast.assignment is None:
-        raise RuntimeError("adabits: the least-Σω plan vanished when minimising time at that Σω")
-    status = "optimal" if status == "optimal" and fast.status == "optimal" else "feasible"
-    return BaselinePlan(_candidate(tb, fast.assignment), status, 0.0 if status == "optimal" else None)
+    budget = least.omega * (1 + 1e-9) + 1e-15
+    tb = build_tables(cache, least.tables.slots, b, b, omega, items=least.tables.items, budget=budget,
+                      theta=settings.theta, decode_points=settings.decode_points)
+    a, status = least.assignment, least.status
+    if deadline.expired():
+        status = "timeout"
+    elif interchangeable(tb):
+        fast = solve_branch(tb, MilpOptions(backend=settings.backend, time_limit_s=deadline.milp_seconds(),
+                                            node_limit=settings.node_limit, rel_gap=settings.rel_gap, warm=a))
+        if fast.assignment is not None and surrogate_ms(tb, fast.assignment) <= surrogate_ms(tb, a):
+            a = fast.assignment
+        if status == "optimal" and fast.status != "optimal":
+            status = "timeout" if fast.status == "timeout" else "feasible"
+    else:  # per-layer ω: the fastest plan at that Σω near the least-Σω plan (stage boundaries move, bits as Σω allows)
+        fast = refine(cache, tb, a, omega, settings, deadline)
+        tb, a = fast.tables, fast.assignment
+        status = "timeout" if deadline.expired() else status
+    return BaselinePlan(_candidate(tb, a), status, 0.0 if status == "optimal" else None)
 
 
 def fast_common_bits(cache: CostCache, bits: tuple[int, ...]) -> tuple[int, ...]:
@@ -218,9 +236,12 @@ def uniform_best(cache: CostCache, omega: OmegaTable, settings: SearchSettings) 
     raise _no_fit(cache, "uniform-best")
 
 
-def run_baseline(method: str, cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
-    """Dispatch by method name."""
-    makers = {"pipeedge": pipeedge, "uniform": uniform, "adabits": adabits, "uniform-best": uniform_best}
+def run_baseline(method: str, cache: CostCache, omega: OmegaTable, settings: SearchSettings,
+                 deadline: Deadline | None = None) -> BaselinePlan:
+    """Dispatch by method name; only adabits runs MILPs, within `deadline` (the others are fast rules)."""
+    if method == "adabits":
+        return adabits(cache, omega, settings, deadline)
+    makers = {"pipeedge": pipeedge, "uniform": uniform, "uniform-best": uniform_best}
     if method not in makers:
         raise ValueError(f"unknown baseline {method!r} (known: {', '.join(BASELINES)})")
     return makers[method](cache, omega, settings)

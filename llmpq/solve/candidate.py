@@ -20,6 +20,8 @@ class Candidate:
     stages: tuple[StageAssignment, ...]
     source: str
     surrogate_ms: float
+    layers_per_item: int = 1   # the granularity the plan was solved at (consecutive layers sharing stage and bits)
+    refined_from: str = ""     # what it was refined from per layer: "grouped:<k>", "heuristic", "baseline" ("": not)
 
     def __post_init__(self) -> None:
         if self.source not in PLAN_SOURCES:

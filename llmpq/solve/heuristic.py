@@ -5,7 +5,7 @@ weights (trapezoid cycle weights, plus 1 for the last round), so that Σ_k W_k =
 a DP over stages in order finds the layer counts and per-stage bit-widths that keep every stage's busy
 time ≤ T and its memory ≤ capacity with the least Σω (ω averaged per bit-width over layers; the exact
 Σω is checked afterwards); bisection finds the least T whose DP meets the budget. Used by the
-`heuristic` method and as a seed of `llmpq`'s search.
+`heuristic` method (`search.heuristic_candidates`) and as a seed of `llmpq`'s search.
 """
 
 from __future__ import annotations
@@ -100,23 +100,3 @@ def heuristic_assignment(tb: ProblemTables) -> Assignment | None:
         if hi - lo <= 1e-4 * hi:
             break
     return best
-
-
-def heuristic_candidates(cache, omega, budget: float, settings, top: int = 6, deadline: float | None = None) -> list:
-    """Heuristic plans of the `top` branches with the least cheap bound (per-layer items), as candidates."""
-    import time
-
-    from .candidate import Candidate
-    from .search import cheap_branches
-    from .tables import build_tables, surrogate_ms, to_stages
-
-    out = []
-    for br in cheap_branches(cache, omega, settings, 3 * top):
-        if len(out) >= top or (deadline is not None and time.monotonic() > deadline):
-            break
-        tb = build_tables(cache, br.slots, br.b_p, br.b_d, omega, budget=budget, theta=settings.theta,
-                          decode_points=settings.decode_points)
-        a = heuristic_assignment(tb)
-        if a is not None:
-            out.append(Candidate(br.slots, br.b_p, br.b_d, to_stages(tb, a), "heuristic", surrogate_ms(tb, a)))
-    return out

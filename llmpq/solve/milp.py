@@ -34,9 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from .tables import Assignment, ProblemTables
+from .tables import Assignment, ProblemTables, omega_of, surrogate_ms, violations
 
 BACKENDS = ("highs", "cbc")
+# Determinism: HiGHS runs on one thread with a fixed seed, so the same model gives the same search on any
+# machine; only its time limit (the solve's deadline, a safety net) depends on the machine's speed.
+HIGHS_OPTIONS = {"threads": 1, "random_seed": 0}
+SUB_MIP_OPTIONS = ("mip_heuristic_run_rins", "mip_heuristic_run_rens", "mip_heuristic_run_feasibility_jump")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class MilpOptions:
     node_limit: int | None = None
     rel_gap: float = 1e-4
     cutoff: float | None = None   # only solutions below this objective are of interest
+    warm: Assignment | None = None  # a known solution of the branch (per item), handed to HiGHS as a start
+    sub_mips: bool = True         # HiGHS's sub-MIP and feasibility-jump heuristics (needless with a good start)
     symmetry: bool = True
     aggregate: bool = True        # use the count model when all items are interchangeable
 
@@ -66,8 +72,9 @@ class MilpResult:
 
 
 def interchangeable(tb: ProblemTables) -> bool:
-    """Whether all items are identical (time, memory and ω rows): then only per-stage counts matter."""
-    return all(_identical(tb, g) for g in range(tb.n_items - 1))
+    """Whether all items are identical (time, memory and ω rows) and unrestricted: then only per-stage counts
+    matter."""
+    return tb.mask is None and all(_identical(tb, g) for g in range(tb.n_items - 1))
 
 
 def _identical(tb: ProblemTables, g: int) -> bool:
@@ -161,7 +168,8 @@ def build_model(tb: ProblemTables, symmetry: bool = True, objective: str = "time
     prob = pulp.LpProblem("llmpq_branch", pulp.LpMinimize)
     gw, jw = len(str(G)), len(str(N))
     z = {(g, j, c): prob.add_variable(f"z_{g:0{gw}d}_{j:0{jw}d}_{c}", 0, 1, pulp.LpBinary)
-         for g in range(G) for j in range(N) for c in range(C) if tb.allowed[j, c]}
+         for g in range(G) for j in range(N) for c in range(C)
+         if tb.allowed[j, c] and (tb.mask is None or tb.mask[g, j, c])}
 
     def on_stage(g: int, j: int) -> list:
         return [(z[g, j, c], 1.0) for c in range(C) if (g, j, c) in z]
@@ -179,7 +187,7 @@ def build_model(tb: ProblemTables, symmetry: bool = True, objective: str = "time
     prob += _expr(on_stage(G - 1, N - 1)) == 1, "last"
     if symmetry:
         for g in range(G - 1):
-            if not _identical(tb, g):
+            if not _identical(tb, g) or tb.mask is not None:
                 continue
             for j in range(N):
                 cols = [c for c in range(C) if (g, j, c) in z]
@@ -210,7 +218,16 @@ def build_count_model(tb: ProblemTables, objective: str = "time") -> tuple[pulp.
 
 
 class _Highs(pulp.HiGHS):
-    """pulp's HiGHS (highspy), reading the statuses pulp does not map (node limit, cutoff) and the bound."""
+    """pulp's HiGHS (highspy), reading the statuses pulp does not map (node limit, cutoff) and the bound.
+
+    pulp passes `threads` and extra keyword options through `createAndConfigureSolver`, which this class
+    replaces: every option is set here (one thread, a fixed seed: `HIGHS_OPTIONS`). `start` (variable -> value,
+    possibly partial) is handed to HiGHS as a starting solution, which it completes and uses as an incumbent.
+    """
+
+    def __init__(self, *args, start: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = start or {}
 
     def createAndConfigureSolver(self, lp):
         lp.solverModel = _quiet_highs()
@@ -218,6 +235,13 @@ class _Highs(pulp.HiGHS):
         lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))
         for key, value in self.optionsDict.items():
             lp.solverModel.setOptionValue(key, value)
+
+    def callSolver(self, lp):
+        if self.start:
+            index = np.asarray([v.index for v in self.start], dtype=np.int32)
+            values = np.asarray(list(self.start.values()), dtype=float)
+            lp.solverModel.setSolution(len(index), index, values)
+        lp.solverModel.run()
 
     def findSolutionValues(self, lp):
         import highspy
@@ -260,22 +284,27 @@ def _quiet_highs() -> object:
         os.dup2(saved, 1)
         os.close(saved)
     h.setOptionValue("output_flag", False)
+    for key, value in HIGHS_OPTIONS.items():
+        h.setOptionValue(key, value)
     return h
 
 
-def _solver(options: MilpOptions, offset: float = 0.0) -> pulp.LpSolver:
+def _solver(options: MilpOptions, offset: float = 0.0, start: dict | None = None) -> pulp.LpSolver:
     """The backend: HiGHS through highspy, else CBC (an installed `cbc`, else pulp's bundled one).
 
-    `offset` is the objective's constant, which HiGHS does not see (the cutoff is shifted by it).
+    `offset` is the objective's constant, which HiGHS does not see (the cutoff is shifted by it); `start`
+    a starting solution (variable -> value; HiGHS only).
     """
     limit = max(0.01, float(options.time_limit_s))
     if options.backend == "highs" and pulp.HiGHS().available():
-        params = {"random_seed": 0, "mip_feasibility_tolerance": 1e-7}
+        params = {"mip_feasibility_tolerance": 1e-7}
         if options.node_limit is not None:
             params["mip_max_nodes"] = int(options.node_limit)
         if options.cutoff is not None and math.isfinite(options.cutoff):
             params["objective_bound"] = float(options.cutoff) - offset
-        return _Highs(msg=False, timeLimit=limit, gapRel=options.rel_gap, **params)
+        if not options.sub_mips:
+            params.update({name: False for name in SUB_MIP_OPTIONS})
+        return _Highs(msg=False, timeLimit=limit, gapRel=options.rel_gap, start=start, **params)
     if options.backend not in BACKENDS:
         raise ValueError(f"unknown MILP backend {options.backend!r} (known: {', '.join(BACKENDS)})")
     extra = [f"maxNodes {int(options.node_limit)}"] if options.node_limit is not None else []
@@ -286,6 +315,19 @@ def _solver(options: MilpOptions, offset: float = 0.0) -> pulp.LpSolver:
     with warnings.catch_warnings():  # pulp's bundled CBC: deprecated for PuLP 4, the only CBC many hosts have
         warnings.simplefilter("ignore", DeprecationWarning)
         return pulp.PULP_CBC_CMD(**args)
+
+
+def _start(tb: ProblemTables, z: dict, warm: Assignment, counts: bool) -> dict:
+    """The integer variables' values of a known assignment (the continuous ones are left to the solver)."""
+    if len(warm.stage) != tb.n_items:
+        raise ValueError(f"warm start has {len(warm.stage)} items, the branch {tb.n_items}")
+    if counts:
+        placed: dict = {}
+        for j, c in zip(warm.stage, warm.column):
+            placed[j, c] = placed.get((j, c), 0) + 1
+        return {v: float(placed.get(key, 0)) for key, v in z.items()}
+    chosen = set(enumerate(zip(warm.stage, warm.column)))
+    return {v: 1.0 if (g, (j, c)) in chosen else 0.0 for (g, j, c), v in z.items()}
 
 
 def _read(tb: ProblemTables, z: dict) -> Assignment:
@@ -312,13 +354,12 @@ def solve_branch(tb: ProblemTables, options: MilpOptions = MilpOptions(), object
 
     The returned objective is recomputed from the solution (F of `tables`, or Σω).
     """
-    from .tables import omega_of, surrogate_ms, violations
-
     if tb.n_stages > tb.n_items:
         return MilpResult("infeasible", None, None, math.inf)
     counts = options.aggregate and interchangeable(tb)
     prob, z = build_count_model(tb, objective) if counts else build_model(tb, options.symmetry, objective)
-    solver = _solver(options, float(prob.objective.constant or 0.0))
+    start = _start(tb, z, options.warm, counts) if options.warm is not None else None
+    solver = _solver(options, float(prob.objective.constant or 0.0), start)
     prob.solve(solver)
     if isinstance(solver, _Highs):
         status, has_solution = prob.llmpq_status, prob.llmpq_has_solution

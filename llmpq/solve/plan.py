@@ -4,7 +4,13 @@ Canonical form: sorted keys, two-space indent, floats rounded to 9 significant d
 host data (those go to the sidecar `<plan>.meta.json`), so identical inputs give identical bytes.
 `read_plan` validates structure and meaning (contiguous stages from layer 0, one bit-width per layer,
 a known weight kernel for each of a stage's bit-widths, known statuses and sources) and names the file and
-key at fault. `stages[i].kernels` ({bits: kernel}) is written by every solve; a plan written before it
+key at fault.
+
+A method that cannot fit is a result too (`InfeasiblePlan`): the same file with `solver.status: infeasible`,
+no stages, and `infeasible: {kind: memory|budget, message, ...}` (for memory: per device its capacity, what it
+needs before any layer, one layer's bytes, the layers that fit and the layers it would have to hold).
+`read_plan` refuses it with its message (a plan to run needs stages); `read_any_plan` returns either, for
+the steps that report it (deploy and generate skip it, evaluate lists it). `stages[i].kernels` ({bits: kernel}) is written by every solve; a plan written before it
 existed reads as `fp16` for 16 bits and `torch` otherwise (what the runtime then loaded everywhere).
 """
 
@@ -34,6 +40,69 @@ LEGACY_QUANT_KERNEL = "torch"  # the kernel of quantized layers in plans that pr
 
 class PlanError(ValueError):
     """A plan file that does not match the plan schema."""
+
+
+class InfeasiblePlanError(PlanError):
+    """A plan file that records that its method could not fit: nothing to run."""
+
+
+@dataclass(frozen=True)
+class InfeasiblePlan:
+    """A method's infeasibility as its plan artifact (module docstring); `report` is the kind-specific detail."""
+
+    method: str
+    model: str
+    cluster: str
+    workload: str
+    kind: str          # memory | budget
+    message: str
+    report: Mapping[str, Any]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "method": self.method, "model": self.model,
+                "cluster": self.cluster, "workload": self.workload, "stages": [],
+                "solver": {"status": "infeasible"},
+                "infeasible": {"kind": self.kind, "message": self.message, **_rounded(dict(self.report))}}
+
+    def to_json(self) -> str:
+        """Canonical JSON text (sorted keys, rounded floats), ending in a newline."""
+        validate_infeasible(self.to_dict(), "plan")
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return _round(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+INFEASIBLE_KINDS = ("memory", "budget")
+
+
+def validate_infeasible(data: Mapping[str, Any], where: str) -> None:
+    """Raise PlanError unless `data` is a valid infeasible-plan object."""
+    if _need(data, "schema_version", int, where) != SCHEMA_VERSION:
+        raise PlanError(f"{where}.schema_version: {data['schema_version']} (this llmpq reads {SCHEMA_VERSION})")
+    for key in ("method", "model", "cluster", "workload"):
+        _need(data, key, str, where)
+    if _need(data, "stages", list, where):
+        raise PlanError(f"{where}.stages: an infeasible plan has no stages")
+    _one_of(_need(_need(data, "solver", dict, where), "status", str, f"{where}.solver"), ("infeasible",),
+            f"{where}.solver.status")
+    info = _need(data, "infeasible", dict, where)
+    _one_of(_need(info, "kind", str, f"{where}.infeasible"), INFEASIBLE_KINDS, f"{where}.infeasible.kind")
+    _need(info, "message", str, f"{where}.infeasible")
+
+
+def is_infeasible(data: Mapping[str, Any]) -> bool:
+    """Whether a plan object records an infeasible method."""
+    solver = data.get("solver")
+    return isinstance(solver, Mapping) and solver.get("status") == "infeasible"
 
 
 @dataclass(frozen=True)
@@ -298,8 +367,8 @@ def from_dict(data: Mapping[str, Any], where: str = "plan") -> Plan:
         prompts=PlanPrompts.from_dict(data["prompts"]) if "prompts" in data else None, dtype=data.get("dtype"))
 
 
-def read_plan(path: str | Path) -> Plan:
-    """Read and validate a plan JSON file; PlanError names the file and key at fault."""
+def read_any_plan(path: str | Path) -> Plan | InfeasiblePlan:
+    """Read and validate a plan JSON file, feasible or not; PlanError names the file and key at fault."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such plan (run `llmpq solve`)")
@@ -309,7 +378,21 @@ def read_plan(path: str | Path) -> Plan:
         raise PlanError(f"{path}: not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PlanError(f"{path}: a plan is a JSON object")
+    if is_infeasible(data):
+        validate_infeasible(data, str(path))
+        info = dict(data["infeasible"])
+        return InfeasiblePlan(data["method"], data["model"], data["cluster"], data["workload"], info.pop("kind"),
+                              info.pop("message"), info, data["schema_version"])
     return from_dict(data, str(path))
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Read and validate a plan to run; PlanError names the file and key at fault, InfeasiblePlanError says why a
+    method recorded as infeasible has none."""
+    plan = read_any_plan(path)
+    if isinstance(plan, InfeasiblePlan):
+        raise InfeasiblePlanError(f"{path}: {plan.method} has no plan: {plan.kind} infeasible: {plan.message}")
+    return plan
 
 
 def meta_path(plan_path: str | Path) -> Path:

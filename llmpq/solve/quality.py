@@ -69,6 +69,24 @@ def proxy_omega(shape: ModelShape, bits: Sequence[int]) -> OmegaTable:
     return OmegaTable(tuple(bits), np.stack(cols, axis=1), "proxy")
 
 
+def layer_pattern(table: OmegaTable, bits: int = PROXY_REFERENCE_BITS) -> np.ndarray:
+    """A measured table's per-layer shape: its ω column at `bits`, divided by its mean (mean 1)."""
+    column = table.column(bits)
+    if column.mean() <= 0:
+        raise ValueError(f"ω table has no positive ω at {bits} bits to take a per-layer pattern from")
+    return column / column.mean()
+
+
+def scaled_omega(base: OmegaTable, pattern: Sequence[float]) -> OmegaTable:
+    """`base` with layer i's row scaled by `pattern` (points spread evenly over the layers, linearly interpolated
+    at layer i): a per-layer ω of realistic shape for a model with no table of its own. The source stays `base`'s."""
+    points = np.asarray(pattern, dtype=float)
+    if points.ndim != 1 or len(points) < 2 or (points < 0).any():
+        raise ValueError("a per-layer pattern needs at least two non-negative values")
+    scale = np.interp(np.linspace(0.0, 1.0, base.num_layers), np.linspace(0.0, 1.0, len(points)), points)
+    return OmegaTable(base.bits, base.values * scale[:, None], base.source, base.indicator)
+
+
 def choose_indicator(available: Sequence[str], wanted: str | None) -> str:
     """The indicator to plan with: `wanted` if given, else the first of INDICATOR_PREFERENCE present."""
     if wanted is not None:
@@ -100,13 +118,17 @@ def indicator_omega(path: Path, num_layers: int, bits: Sequence[int], indicator:
 
 
 def load_omega(results: Path, model: str, shape: ModelShape, bits: Sequence[int],
-               indicator: str | None = None) -> OmegaTable:
-    """Indicator ω if `results/sensitivity/{model}.parquet` exists, else the shape-only proxy."""
+               indicator: str | None = None, required: bool = False) -> OmegaTable:
+    """Indicator ω if `results/sensitivity/{model}.parquet` exists, else the shape-only proxy (or, when the table
+    is `required` — an indicator was asked for by name — a FileNotFoundError saying how to make it)."""
     from llmpq import paths
 
     path = paths.sensitivity_path(Path(results), model)
     if path.is_file():
         return indicator_omega(path, shape.num_layers, bits, indicator)
+    if required:
+        raise FileNotFoundError(f"{path}: no sensitivity table for indicator {indicator!r}: run `llmpq calibrate "
+                                f"model={model}` (or the workflow's calibrate rule) first, or drop indicator=")
     return proxy_omega(shape, bits)
 
 
@@ -160,8 +182,14 @@ def budget_from_spec(spec: SolverSpec, omega: OmegaTable, ppl_map: Any | None,
     return Budget(math.inf, "none")
 
 
+def ppl_map_applies(ppl_map: Any | None, omega: OmegaTable) -> bool:
+    """Whether a ppl_map translates this ω table's Σω: it exists and was fitted on the table's indicator."""
+    return (ppl_map is not None and omega.source == "indicator"
+            and getattr(ppl_map, "indicator", None) == omega.indicator)
+
+
 def ppl_increase(ppl_map: Any | None, omega: OmegaTable, omega_sum: float) -> float | None:
     """Predicted perplexity increase (%) of Σω, where a ppl_map on the same indicator exists; else None."""
-    if ppl_map is None or omega.source != "indicator" or getattr(ppl_map, "indicator", None) != omega.indicator:
+    if not ppl_map_applies(ppl_map, omega):
         return None
     return float(ppl_map.predict(omega_sum))

@@ -155,6 +155,7 @@ class ProblemTables:
     cycle_weights: np.ndarray      # [P] trapezoid weight w_k of each sampled round
     budget: float = math.inf       # Ω on Σω
     theta: float = 0.0             # soft penalty, ms per unit of Σω
+    mask: np.ndarray | None = None  # [G, N, C] bool: the (stage, column) each item may take (None: all allowed)
 
     @property
     def n_items(self) -> int:
@@ -300,6 +301,8 @@ def violations(tb: ProblemTables, a: Assignment, omega_tol: float = 1e-9) -> lis
         out.append("a stage holds no layer")
     if any(not tb.allowed[j, c] for j, c in zip(a.stage, a.column)):
         out.append("a bit-width without a kernel on its device")
+    if tb.mask is not None and any(not tb.mask[g, j, c] for g, (j, c) in enumerate(zip(a.stage, a.column))):
+        out.append("an item outside its neighbourhood (mask)")
     over = np.nonzero(stage_bytes(tb, a) > tb.capacity)[0]
     if len(over):
         out.append(f"stages {over.tolist()} exceed memory")

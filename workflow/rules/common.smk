@@ -216,14 +216,14 @@ def plan_slurm_job(plan_file, rule):
 
 
 def plan_devices(plan_file):
-    """Device stems of a plan's stages, in pipeline order."""
-    Path(plan_file).stat()  # a plan still to be made: FileNotFoundError naming it, which Snakemake shows as <TBD>
-    return [stage.device for stage in read_plan(plan_file).stages]
+    """Device stems of a plan's stages, in pipeline order (none for a method recorded as infeasible)."""
+    # a plan still to be made: FileNotFoundError naming it, which Snakemake shows as <TBD>
+    return [stage["device"] for stage in json.loads(Path(plan_file).read_text())["stages"]]
 
 
 def stage_cpus(plan_file):
-    """CPUs per task under SLURM: the most threads any stage's device uses (1 for a GPU stage's host)."""
-    return max(device_slice(d).get("threads") or 1 for d in plan_devices(plan_file))
+    """CPUs per deploy task under SLURM: the most threads any stage's device uses (1 for a GPU stage's host)."""
+    return max((device_slice(d).get("threads") or 1 for d in plan_devices(plan_file)), default=1)
 
 
 def generate_gpu_request(plan_file):
@@ -233,6 +233,8 @@ def generate_gpu_request(plan_file):
     requests the first stage's type (see the README's limitations).
     """
     devices = plan_devices(plan_file)
+    if not devices:  # an infeasible method: deploy only records that it was skipped
+        return {"gpu": 0, "gpu_model": "", "gres": ""}
     gpus = [d for d in devices if device_slice(d).get("kind") != "cpu"]
     return gpu_request(gpus[0], len(gpus)) if gpus else gpu_request(devices[0])
 

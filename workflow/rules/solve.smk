@@ -1,5 +1,9 @@
 rule solve:
-    """Plan partition, per-layer bits and micro-batches for one model x cluster x workload x method."""
+    """Plan partition, per-layer bits and micro-batches for one model x cluster x workload x method.
+
+    A method that cannot fit (memory or quality budget) writes its infeasibility as its plan (infeasible=record):
+    deploy and generate skip it, evaluate lists it, the other methods go on.
+    """
     input:
         profiles=lambda wc: profiles_for(wc.model, wc.cluster),
         links=lambda wc: links_for(wc.cluster),
@@ -24,4 +28,4 @@ rule solve:
         "../../envs/llmpq.yaml"
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "solver={wildcards.solver} out={output.plan} > {log} 2>&1"
+        "solver={wildcards.solver} out={output.plan} infeasible=record > {log} 2>&1"
