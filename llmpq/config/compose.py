@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..models.source import check_family
 from .errors import ConfigError
 from .types import Experiment
 from .validate import check_cpu_threads, cluster_spec, device_spec, model_spec, solver_spec, workload_spec
@@ -117,8 +118,11 @@ def compose_experiment(
         raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in cluster.device_stems()])
     devices = {s: device_spec(s, search.label("device", s), raw["devices"][s]) for s in cluster.device_stems()}
     check_cpu_threads(cluster_file, cluster, devices)
+    model_file = search.label("model", chosen["model"])
+    model = model_spec(model_file, raw["model"])
+    check_family(model, model_file, results=str(raw.get("results_dir") or "results"))
     return Experiment(
-        model=model_spec(search.label("model", chosen["model"]), raw["model"]),
+        model=model,
         cluster=cluster,
         devices=devices,
         workload=workload_spec(search.label("workload", chosen["workload"]), raw["workload"]),

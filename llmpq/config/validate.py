@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
+from ..models.families import known_families
 from .errors import ConfigError
 from .types import (
     ClusterSpec,
@@ -22,7 +23,6 @@ KNOWN_BITS = (16, 8, 4, 3, 2)
 KNOWN_METHODS = ("llmpq", "pipeedge", "uniform", "adabits", "heuristic")
 KNOWN_BACKENDS = ("highs", "cbc")
 KNOWN_SCHEMES = ("gptq", "rtn")
-KNOWN_FAMILIES = ("opt", "bloom", "llama", "qwen2", "mistral")
 
 
 class Reader:
@@ -155,7 +155,7 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(
         name=r.get("name", str),
         source=r.get("source", str),
-        family=r.get("family", str, check=one_of(KNOWN_FAMILIES)),
+        family=r.get("family", str, check=one_of(known_families())),
         bits=tuple(r.get("bits", list, check=bit_list)),
         quant=QuantSpec(scheme=q.get("scheme", str, "gptq", one_of(KNOWN_SCHEMES)), group_size=q.get("group_size", int, 128, positive)),
         hf_config=dict(r.get("hf_config", Mapping, {})) or None,

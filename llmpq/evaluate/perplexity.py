@@ -188,7 +188,7 @@ def cli_ppl(exp: Any, args: Any) -> int:
     from ..models.source import model_dir
     from ..paths import quant_root as store_root
 
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=args.results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory with weights")
     if args.plan is not None and args.bits is not None:

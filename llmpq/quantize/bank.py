@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..models.shape import DECODER_LAYERS
+from ..models.families import family
 from .loader import DEFAULT_DTYPE, load_quantized_layer, store_name
 from .store import ManifestRow, read_manifest
 
@@ -29,7 +29,7 @@ class LayerBank:
 
     @property
     def num_layers(self) -> int:
-        return len(self.model.get_submodule(DECODER_LAYERS[self.model.config.model_type]))
+        return len(self.model.get_submodule(family(self.model.config.model_type).layers))
 
     def layer(self, index: int, bits: int) -> torch.nn.Module:
         """Layer `index` at `bits` from the store (verified against its manifest on first load)."""
@@ -46,7 +46,7 @@ class LayerBank:
         """The model with layer i at `bits_per_layer[i]` (the same model object, re-wired)."""
         if len(bits_per_layer) != self.num_layers:
             raise ValueError(f"{len(bits_per_layer)} bit-widths given for {self.num_layers} layers")
-        layers = self.model.get_submodule(DECODER_LAYERS[self.model.config.model_type])
+        layers = self.model.get_submodule(family(self.model.config.model_type).layers)
         for index, bits in enumerate(bits_per_layer):
             layers[index] = self.layer(index, bits)
         return self.model

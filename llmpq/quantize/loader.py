@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..models.shape import DECODER_LAYERS
+from ..models.families import family
 from .gptq_layout import finalize_qlinear, new_qlinear
 from .settings import LayerHeader
 from .store import LayerFileError, ManifestRow, layer_file, read_layer_file, read_manifest, verify_layer_file
@@ -149,7 +149,7 @@ def load_mixed_model(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    layers = model.get_submodule(DECODER_LAYERS[model.config.model_type])
+    layers = model.get_submodule(family(model.config.model_type).layers)
     if len(bits_per_layer) != len(layers):
         raise ValueError(f"{len(bits_per_layer)} bit-widths given for a model of {len(layers)} decoder layers")
     manifests: dict[int, Mapping[int, ManifestRow]] = {}

@@ -170,7 +170,7 @@ def quantize_store(job: QuantizeJob, progress: bool = True) -> QuantizeReport:
 def job_from_experiment(exp: Any, bits: int, results: Path, out: Path | None = None) -> QuantizeJob:
     """The quantize job of an experiment's model at `bits` (the model's `source` must hold weights)."""
     model = exp.model
-    weights = source_dir(model)
+    weights = source_dir(model, results=results)
     if weights is None:
         raise FileNotFoundError(f"model {model.name}: source {model.source!r} is not a local directory with weights")
     return QuantizeJob(

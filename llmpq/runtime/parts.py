@@ -7,7 +7,7 @@ safetensors checkpoint. Where the head is tied to the token embedding and the st
 embedding, the matrix is read (and stored) again. The model's skeleton is built on the `meta` device with
 no decoder layers, so nothing is allocated twice.
 
-Per family: how ids become hidden states, which keyword arguments a decoder layer needs (positions,
+Per family (the registry's position kind): how ids become hidden states, which keyword arguments a decoder layer needs (positions,
 rotary cos/sin, ALiBi bias and mask) and which modules make the head.
 """
 
@@ -15,43 +15,21 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..models.families import Family, family
 from ..quantize.checkpoint import read_tensors
 from ..quantize.loader import load_quantized_layer, store_name
 from ..quantize.store import read_manifest
 from .kvcache import CacheView
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where a family's embedding and head modules live in its HF causal LM, and how its layers are called."""
-
-    embed: tuple[str, ...]          # the token embedding first, then the other embedding modules
-    head: tuple[str, ...]           # applied in order to the last position; the LM head last
-    kind: str                       # opt (learned positions) | rotary (cos/sin per step) | alibi (bias + mask)
-    rotary: str | None = None
-
-
-FAMILIES: Mapping[str, Family] = {
-    "opt": Family(("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-                  ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"), "opt"),
-    "bloom": Family(("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
-                    ("transformer.ln_f", "lm_head"), "alibi"),
-    **{name: Family(("model.embed_tokens",), ("model.norm", "lm_head"), "rotary", "model.rotary_emb")
-       for name in ("llama", "mistral", "qwen2")},
-}
-
-
 def family_of(config: Any) -> Family:
-    """The `Family` of a HF config; ValueError naming the supported ones otherwise."""
-    if config.model_type not in FAMILIES:
-        raise ValueError(f"deploy does not support model_type {config.model_type!r} (supported: {', '.join(FAMILIES)})")
-    return FAMILIES[config.model_type]
+    """The registry `Family` of a HF config; UnknownFamilyError (a ValueError) naming the known ones otherwise."""
+    return family(config.model_type)
 
 
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -137,13 +115,13 @@ class StageModel:
     def embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Hidden states [b, q, hidden] of token ids [b, q] at positions pos .. pos + q − 1 (first stage)."""
         x = self.ends[self.family.embed[0]](ids)
-        if self.family.kind == "opt":
+        if self.family.position == "learned":
             project_in = self.ends.get("model.decoder.project_in")
             if project_in is not None:
                 x = project_in(x)
             positions = self._positions(ids.shape[0], ids.shape[1], pos)
             x = x + self.ends["model.decoder.embed_positions"](None, position_ids=positions)
-        elif self.family.kind == "alibi":
+        elif self.family.position == "alibi":
             x = self.ends["transformer.word_embeddings_layernorm"](x)
         return x
 
@@ -153,7 +131,7 @@ class StageModel:
     def _layer_kwargs(self, hidden: torch.Tensor, pos: int) -> dict[str, Any]:
         batch, q = hidden.shape[:2]
         positions = self._positions(batch, q, pos)
-        if self.family.kind == "alibi":
+        if self.family.position == "alibi":
             from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
             end = pos + q

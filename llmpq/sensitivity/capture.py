@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..models.shape import DECODER_LAYERS, layer_linears
+from ..models.families import family
+from ..models.shape import layer_linears
 from .moments import RunningMoments
 
 
@@ -49,7 +50,7 @@ def _first(output: Any) -> torch.Tensor:
 
 def decoder_layer_list(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The ModuleList of a causal LM's decoder layers (assignable, unlike `decoder_layers`' list)."""
-    return model.get_submodule(DECODER_LAYERS[model.config.model_type])
+    return model.get_submodule(family(model.config.model_type).layers)
 
 
 @contextmanager

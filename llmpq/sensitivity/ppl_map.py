@@ -157,7 +157,7 @@ def cli_ppl_map(exp: Any, args: Any) -> int:
     from ..quantize.bank import LayerBank
     from .table import omega_sum, read_omega
 
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=args.results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory with weights")
     indicator = args.indicator or DEFAULT_INDICATOR

@@ -106,7 +106,7 @@ def cli_calibrate(exp: Any, args: Any) -> int:
     from ..models.source import model_dir
     from ..paths import quant_root, sensitivity_path
 
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=args.results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory with weights")
     scheme = exp.model.quant.scheme
