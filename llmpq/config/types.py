@@ -94,6 +94,7 @@ class ModelSpec:
     bits: tuple[int, ...]
     quant: QuantSpec
     hf_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    install: str | None = None      # the command that provides `source` (shown when it is missing; never run)
 
 
 @dataclass(frozen=True)

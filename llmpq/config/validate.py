@@ -159,6 +159,7 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
         bits=tuple(r.get("bits", list, check=bit_list)),
         quant=QuantSpec(scheme=q.get("scheme", str, "gptq", one_of(KNOWN_SCHEMES)), group_size=q.get("group_size", int, 128, positive)),
         hf_config=dict(r.get("hf_config", Mapping, {})) or None,
+        install=r.get("install", str, None),
     )
 
 
