@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.text import check_source_name
 from ..models.source import check_family
 from .errors import ConfigError
 from .types import Experiment
@@ -121,6 +122,10 @@ def compose_experiment(
     model_file = search.label("model", chosen["model"])
     model = model_spec(model_file, raw["model"])
     check_family(model, model_file, results=str(raw.get("results_dir") or "results"))
+    for section in ("calibration", "eval"):
+        source = (raw.get(section) or {}).get("source")
+        if isinstance(source, str) and (problem := check_source_name(source)) is not None:
+            raise ConfigError(str(search.conf_dir / "config.yaml"), f"{section}.source", problem)
     return Experiment(
         model=model,
         cluster=cluster,
