@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..models.families import family
+from .checkpoint import layer_tensors
 from .gptq_layout import finalize_qlinear, new_qlinear
 from .settings import LayerHeader
 from .store import LayerFileError, ManifestRow, layer_file, read_layer_file, read_manifest, verify_layer_file
@@ -128,6 +129,15 @@ def load_quantized_layer(
     if left:
         raise LayerFileError(f"{path}: tensors {left} were not in the file")
     return layer.eval().requires_grad_(False)
+
+
+def load_checkpoint_layer(model_config: Any, model_dir: str | Path, layer_index: int,
+                          device: str | torch.device = "cpu", dtype: torch.dtype = DEFAULT_DTYPE) -> torch.nn.Module:
+    """Decoder layer `layer_index` with the unquantized weights of the HF checkpoint in `model_dir`, read alone."""
+    config = _as_config(model_config)
+    layer = empty_decoder_layer(config, layer_index)
+    layer.load_state_dict(layer_tensors(model_dir, config.model_type, layer_index), strict=True, assign=True)
+    return layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_mixed_model(

@@ -7,8 +7,8 @@ safetensors checkpoint. Where the head is tied to the token embedding and the st
 embedding, the matrix is read (and stored) again. The model's skeleton is built on the `meta` device with
 no decoder layers, so nothing is allocated twice.
 
-Per family (the registry's position kind): how ids become hidden states, which keyword arguments a decoder layer needs (positions,
-rotary cos/sin, ALiBi bias and mask) and which modules make the head.
+Per family (the registry's position kind): how ids become hidden states, which keyword arguments a
+decoder layer needs (positions, rotary cos/sin, ALiBi bias and mask) and which modules make the head.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class StageModel:
         self.config, self.family = config, family_of(config)
         self.start, self.layers, self.ends, self.rotary = start, list(layers), dict(ends), rotary
         self.device, self.dtype, self.first, self.last = device, dtype, first, last
-        self.cache_keyword = _cache_keyword(self.layers[0])
+        self.cache_keyword = _cache_keyword(self.layers[0]) if self.layers else ""
         self.heads = config.num_attention_heads
 
     @property
@@ -173,9 +173,7 @@ def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start
     """
     from transformers import AutoConfig
 
-    model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
-    family = family_of(config)
     manifests: dict[int, Any] = {}
     layers = []
     for index, b in enumerate(bits, start=start):
@@ -185,12 +183,20 @@ def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start
         if verify and b not in manifests:
             manifests[b] = read_manifest(store)
         layers.append(load_quantized_layer(config, store, index, device, dtype, verify, manifests.get(b)))
+    ends, rotary = load_ends(model_dir, config, first=first, last=last, device=device, dtype=dtype)
+    return StageModel(config, start, layers, ends, rotary, device, dtype, first, last)
+
+
+def load_ends(model_dir: str | Path, config: Any, *, first: bool, last: bool, device: torch.device,
+              dtype: torch.dtype) -> tuple[dict[str, torch.nn.Module], torch.nn.Module | None]:
+    """The embedding modules (if `first`) and head modules (if `last`) read from the checkpoint, and the
+    rotary-embedding module of a rotary family (else None)."""
+    family = family_of(config)
     skeleton = _skeleton(config)
     paths = (family.embed if first else ()) + (family.head if last else ())
-    ends = _load_ends(model_dir, skeleton, paths, family, bool(getattr(config, "tie_word_embeddings", False)),
+    ends = _load_ends(Path(model_dir), skeleton, paths, family, bool(getattr(config, "tie_word_embeddings", False)),
                       device, dtype)
     rotary = None
     if family.rotary is not None:
         rotary = type(_submodule(skeleton, family.rotary))(config=config).to(device)
-    del skeleton
-    return StageModel(config, start, layers, ends, rotary, device, dtype, first, last)
+    return ends, rotary
