@@ -133,7 +133,7 @@ def compose_experiment(
         workload=workload_spec(search.label("workload", chosen["workload"]), raw["workload"]),
         solver=solver_spec(search.label("solver", chosen["solver"]), raw["solver"]),
         raw=raw,
-        config_hash=config_hash({k: v for k, v in raw.items() if k != "experiments"}),
+        config_hash=config_hash({k: v for k, v in raw.items() if k not in ("experiments", "experiment_sets")}),
     )
 
 

@@ -25,10 +25,10 @@ import torch
 
 from ..quantize.gptq_layout import group_steps
 from ..quantize.settings import LayerHeader
+from .table import END_TO_END, INDICATORS
 
-INDICATORS = ("variance", "output_error", "kl", "loss_delta", "bits_only")
-LAYER_LOCAL = ("variance", "output_error", "bits_only")        # computed from layer i alone
-END_TO_END = ("kl", "loss_delta")                               # need the model's output
+__all__ = ["END_TO_END", "INDICATORS", "EndToEnd", "EndToEndSum", "bits_only", "linear_steps", "output_error",
+           "summed_nll", "variance_omega"]
 
 
 def linear_steps(header: LayerHeader, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

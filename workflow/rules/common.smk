@@ -1,5 +1,6 @@
 """Config composition for the rules (imports llmpq.config only: no torch, so dry runs stay fast)."""
 
+import errno
 import json
 import shlex
 from pathlib import Path
@@ -8,12 +9,17 @@ from llmpq import paths
 from dataclasses import asdict
 from functools import lru_cache
 
-from llmpq.config import ConfigSearch, compose_experiment, load_device
+from llmpq.config import ConfigError, ConfigSearch, compose_experiment, load_device
+from llmpq.models.resources import calibrate_resources, import_resources, perplexity_resources, quantize_resources
+from llmpq.models.source import is_import_source, model_shape
+from llmpq.sensitivity.ppl_map import DEFAULT_POINTS
+from llmpq.sensitivity.table import END_TO_END
 
 RESULTS = Path(config.get("results_dir", "results"))
 CONFIG_DIR = config.get("config_dir")
 CONFIG_DIR_ARG = f"--config-dir {shlex.quote(str(Path(CONFIG_DIR).resolve()))}" if CONFIG_DIR else ""
 _COMPOSED = {}
+IMPORT_DEFAULT_MB = 16000      # import_model of a model whose shape is unknown before import
 
 
 def experiment(model, cluster, workload="", solver=""):
@@ -27,19 +33,32 @@ def experiment(model, cluster, workload="", solver=""):
     return _COMPOSED[key]
 
 
+def experiment_entries():
+    """`experiments:` of the config, or the named set of `experiment_sets:` (`--config experiments=real`)."""
+    entries = config.get("experiments", [])
+    if isinstance(entries, str):
+        sets = config.get("experiment_sets") or {}
+        if entries not in sets:
+            raise ValueError(f"experiments={entries}: no such set under experiment_sets in conf/config.yaml "
+                             f"(known: {', '.join(sorted(sets))})")
+        entries = sets[entries]
+    return entries
+
+
 def experiments():
     """Every (model, cluster, workload, solver) that `rule all` builds."""
     out = []
-    for entry in config.get("experiments", []):
+    for entry in experiment_entries():
         for solver in entry["solvers"]:
             out.append((entry["model"], entry["cluster"], entry["workload"], solver))
     return out
 
 
 def has_weights(model):
-    """A model whose weights are built here or found in a local directory can be quantized and deployed."""
+    """A model whose weights are built or imported here, or found in a local directory, can be quantized and
+    deployed."""
     spec = experiment(model, "local-cpu").model
-    return model == "tiny-opt" or (Path(spec.source) / "config.json").is_file()
+    return model == "tiny-opt" or is_import_source(spec.source) or (Path(spec.source) / "config.json").is_file()
 
 
 def model_slice(model):
@@ -76,10 +95,47 @@ def model_of_cluster(cluster):
 
 
 def model_weights(model):
-    """Input that stands for the model's weights (the tiny model is built by a rule)."""
+    """Input that stands for the model's weights (the tiny model is built by a rule, a GGUF source imported)."""
     if model == "tiny-opt":
         return str(paths.tiny_model_dir(RESULTS) / "config.json")
+    if is_import_source(experiment(model, "local-cpu").model.source):
+        return str(paths.imported_model_dir(RESULTS, model) / "config.json")
     return []
+
+
+def import_request(model):
+    """`resources:` of import_model: from the shape the model config gives before import, else a default."""
+    try:
+        return asdict(import_resources(model_shape(experiment(model, "local-cpu").model, results=RESULTS)))
+    except ConfigError:
+        return {"mem_mb": IMPORT_DEFAULT_MB, "runtime": 60}
+
+
+@lru_cache(maxsize=None)
+def quality_resources(model, stage):
+    """`resources:` of a heavy rule (quantize, calibrate, ppl_map, evaluate) from the model's shape (its
+    weights exist when the job starts: the rules pass `input`, so Snakemake asks only then) and the
+    calibration / eval settings (`llmpq.models.resources`); a GPU where calibration.device is cuda."""
+    spec = experiment(model, "local-cpu").model
+    try:
+        shape = model_shape(spec, results=RESULTS)
+    except ConfigError as exc:  # weights not built yet: Snakemake shows <TBD> and asks again when they are
+        raise FileNotFoundError(errno.ENOENT, str(exc), model_weights(model)) from None
+    calibration, evaluation = config["calibration"], config["eval"]
+    gpu = calibration.get("device") == "cuda"
+    windows = evaluation.get("max_windows") or 1000
+    if stage == "quantize":
+        found = quantize_resources(shape, calibration["samples"], calibration["seq_len"], gpu)
+    elif stage == "calibrate":
+        end_to_end = (config.get("sensitivity") or {}).get("indicator") in END_TO_END
+        found = calibrate_resources(shape, calibration["samples"], calibration["seq_len"],
+                                    sum(1 for b in spec.bits if b < 16), end_to_end, gpu)
+    elif stage == "ppl_map":
+        found = perplexity_resources(shape, windows, evaluation["window"], len(spec.bits) + DEFAULT_POINTS, gpu)
+    else:
+        solvers = max(1, sum(1 for m, *_ in experiments() if m == model))
+        found = perplexity_resources(shape, windows, evaluation["window"], solvers, gpu)
+    return asdict(found)
 
 
 def present_devices(cluster):
