@@ -12,7 +12,9 @@ layer, and the calibration or eval windows' hidden states, never the whole model
 with P parameters, E / H the embedding / head at 4 bytes per parameter, W_layer one layer's parameters
 · 4, X = windows · tokens · hidden · 4, plus `BASE_MB` for the interpreter, torch, transformers and
 GPTQModel, and a 25 % margin. Runtime (minutes) is a deliberately generous estimate: the matmul FLOPs
-(2 per parameter per token per pass) at `CPU_GFLOPS` or `GPU_TFLOPS`, three times over, plus start-up.
+(2 per parameter per token per pass) at `CPU_GFLOPS` or `GPU_TFLOPS`, plus for GPTQ per linear the larger
+of its solve (2 · in² · out FLOPs) and its column loop (`GPTQ_COLUMN_S` per input column; measured on
+SmolLM2: 0.16 s for a 576-column linear), `SAFETY` times over, plus start-up.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ BASE_MB = 1500            # python + torch + transformers + GPTQModel resident b
 MARGIN = 1.25
 CPU_GFLOPS = 20.0         # sustained float32 matmul throughput of one loaded CPU core
 GPU_TFLOPS = 10.0         # sustained float32 throughput of a data-centre GPU, conservatively
-SAFETY = 3.0              # runtime = SAFETY × FLOP estimate + STARTUP_MIN
+GPTQ_COLUMN_S = 5e-4      # GPTQ's per-column work outside the matmuls (a Python loop over blocks of columns)
+SAFETY = 4.0              # runtime = SAFETY × estimate + STARTUP_MIN
 STARTUP_MIN = 5
 LOGIT_BATCH = 8
 
@@ -46,9 +49,12 @@ def _mb(nbytes: float) -> int:
     return int(math.ceil((BASE_MB * MIB + nbytes * MARGIN) / MIB))
 
 
-def _minutes(flops: float, gpu: bool) -> int:
-    rate = GPU_TFLOPS * 1e12 if gpu else CPU_GFLOPS * 1e9
-    return int(math.ceil(SAFETY * flops / rate / 60)) + STARTUP_MIN
+def _rate(gpu: bool) -> float:
+    return GPU_TFLOPS * 1e12 if gpu else CPU_GFLOPS * 1e9
+
+
+def _minutes(flops: float, gpu: bool, extra_s: float = 0.0) -> int:
+    return int(math.ceil(SAFETY * (flops / _rate(gpu) + extra_s) / 60)) + STARTUP_MIN
 
 
 def _layer_bytes(shape: ModelShape) -> int:
@@ -74,14 +80,15 @@ def import_resources(shape: ModelShape) -> RuleResources:
 
 def quantize_resources(shape: ModelShape, samples: int, seq_len: int, gpu: bool = False) -> RuleResources:
     """quantize at one bit-width (GPTQ): two passes of every layer over the calibration tokens, one GPTQ
-    solve per linear (≈ in² · out FLOPs)."""
+    solve per linear."""
     tokens = samples * seq_len
     hidden_states = tokens * shape.hidden * FP32
     memory = (_embed_bytes(shape) + 3 * _layer_bytes(shape) + _hessian_bytes(shape)
               + hidden_states * (2 + shape.ffn / shape.hidden))
-    solve = sum(lin.in_features ** 2 * lin.out_features for lin in shape.layer.linears)
-    flops = shape.num_layers * (2 * 2 * shape.layer.params * tokens + 2 * solve)
-    return RuleResources(_mb(memory), _minutes(flops, gpu), int(gpu))
+    solve_s = sum(max(2 * lin.in_features ** 2 * lin.out_features / _rate(gpu), lin.in_features * GPTQ_COLUMN_S)
+                  for lin in shape.layer.linears)
+    flops = shape.num_layers * 2 * 2 * shape.layer.params * tokens
+    return RuleResources(_mb(memory), _minutes(flops, gpu, shape.num_layers * solve_s), int(gpu))
 
 
 def calibrate_resources(shape: ModelShape, samples: int, seq_len: int, low_bits: int, end_to_end: bool = False,

@@ -16,6 +16,8 @@ rule calibrate:
         gpu=lambda wc, input: quality_resources(wc.model, "calibrate")["gpu"],
     log:
         "logs/calibrate/{model}.log",
+    benchmark:
+        "logs/benchmarks/calibrate/{model}.tsv"
     conda:
         "../../envs/llmpq.yaml"
     shell:
@@ -41,6 +43,8 @@ rule ppl_map:
         gpu=lambda wc, input: quality_resources(wc.model, "ppl_map")["gpu"],
     log:
         "logs/ppl_map/{model}.log",
+    benchmark:
+        "logs/benchmarks/ppl_map/{model}.tsv"
     conda:
         "../../envs/llmpq.yaml"
     shell:

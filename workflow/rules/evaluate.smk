@@ -39,6 +39,8 @@ rule evaluate:
         gpu=lambda wc, input: quality_resources(wc.model, "evaluate")["gpu"],
     log:
         "logs/evaluate/{model}/{cluster}/{workload}.log",
+    benchmark:
+        "logs/benchmarks/evaluate/{model}/{cluster}/{workload}.tsv"
     conda:
         "../../envs/llmpq.yaml"
     shell:

@@ -35,6 +35,8 @@ rule profile_links:
         links=lambda wc: experiment(model_of_cluster(wc.cluster), wc.cluster).raw["cluster"],
     log:
         "logs/profile_links/{cluster}.log",
+    benchmark:
+        "logs/benchmarks/profile_links/{cluster}.tsv"
     threads: workflow.cores
     conda:
         "../../envs/llmpq.yaml"
