@@ -204,19 +204,25 @@ def weight_bytes(exp: Any, bits: tuple[int, ...]) -> int:
 
 
 def mixed_plan_at(exp: Any, results: Path, bits: int, work: Path) -> tuple[tuple[int, ...], int]:
-    """The planner's least-Σω plan on one device whose memory the uniform `bits` plan fits exactly."""
+    """The planner's least-Σω plan (`adabits`) on one CPU device whose memory the uniform `bits` plan exactly
+    fits (a cluster and device written to a config dir of `work`)."""
     shape = model_shape(exp.model)
     device = exp.devices["cpu-smol-large"]
     batch = exp.workload.batch
-    uniform = (bits,) * shape.num_layers
-    need = stage_memory(shape, device, uniform, exp.workload, batch, batch, exp.model.quant, first=True,
-                        last=True).total_bytes
+    need = stage_memory(shape, device, (bits,) * shape.num_layers, exp.workload, batch, batch, exp.model.quant,
+                        first=True, last=True).total_bytes
     cap = (need + 4096) / 1024**3
+    conf = work / f"conf-w{bits}"
+    (conf / "device").mkdir(parents=True)
+    (conf / "cluster").mkdir()
+    (conf / "device" / "bench-cap.yaml").write_text(f"defaults:\n  - cpu\n  - _self_\nmemory_gib: {cap!r}\n"
+                                                    f"memory_cap_gib: {cap!r}\n")
+    (conf / "cluster" / "bench-one.yaml").write_text(
+        "name: bench-one\nnodes:\n  - {name: local, devices: {bench-cap: 1}}\npresent: false\nlinks:\n"
+        "  intra_node: {bandwidth_gbps: 2.0, latency_us: 100}\n  inter_node: {bandwidth_gbps: 1.25, latency_us: 50}\n")
     out = work / f"mixed-w{bits}.json"
-    code = llmpq_main(["solve", f"model={MODEL}", f"cluster={CLUSTER}", f"workload={WORKLOAD}", "solver=adabits",
-                       "cluster.nodes=[{name: local, devices: {cpu-smol-large: 1}}]", "cluster.present=false",
-                       f"devices.cpu-smol-large.memory_gib={cap!r}", f"devices.cpu-smol-large.memory_cap_gib={cap!r}",
-                       f"results={results}", f"out={out}"])
+    code = llmpq_main(["solve", "--config-dir", str(conf), f"model={MODEL}", "cluster=bench-one",
+                       f"workload={WORKLOAD}", "solver=adabits", f"results={results}", f"out={out}"])
     if code != 0:
         raise RuntimeError(f"llmpq solve failed for the {bits}-bit budget")
     plan = read_plan(out)

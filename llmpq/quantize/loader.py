@@ -37,7 +37,8 @@ def store_name(scheme: str, bits: int) -> str:
 
 
 def _as_config(model_config: Any) -> Any:
-    """A private copy of a HF config (or of its dict), with an attention implementation set (sdpa if none)."""
+    """A private copy of a HF config (or of its dict), with an attention implementation set (the family's
+    attention kind from the registry if none)."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model_config, PretrainedConfig):
@@ -46,7 +47,7 @@ def _as_config(model_config: Any) -> Any:
         data = dict(model_config)
         config = AutoConfig.for_model(data.pop("model_type"), **data)
     if config._attn_implementation is None:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = family(config.model_type).attention
     return config
 
 
@@ -103,7 +104,7 @@ def load_quantized_layer(
     `path_or_dir` is the layer file or its store directory. With `verify`, the file's sha256 is checked
     against the directory's manifest first (LayerFileError naming the file on mismatch; pass `manifest`
     to reuse one already read). `model_config` is the model's HF config (or its dict); the layer holds a
-    copy, with attention implementation sdpa where the config sets none.
+    copy, with the family's attention implementation where the config sets none.
     """
     path = Path(path_or_dir)
     path = layer_file(path, layer_index) if path.is_dir() else path
