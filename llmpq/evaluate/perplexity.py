@@ -213,17 +213,24 @@ def embed_windows(stream: Any, ids: torch.Tensor, windows: Sequence[Window]) -> 
             for length, members in window_groups(windows).items()}
 
 
+DENSE_CACHE_GIB = 1.0
+
+
 class StoreEvaluator:
     """Perplexity of a model and of per-layer bit assignments from its stores, one layer at a time.
 
     The embedding, the head and the eval windows' embeddings are loaded once; every evaluation then reads
     its layers from the checkpoint (`fp`) or from `quant_root/{scheme}-w{bits}/` (sha256-verified).
+    Dequantized layers are kept for later plans up to `cache_gib` (first come; dequantizing costs about
+    as much as running a layer over 1,000 tokens on a CPU), so memory is bounded by it plus one layer.
     """
 
     def __init__(self, model_dir: str | Path, spec: "EvalSpec", quant_root: str | Path | None = None,
                  scheme: str = "gptq", token_ids: torch.Tensor | None = None, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, cache_gib: float = DENSE_CACHE_GIB):
         self.spec, self.scheme = spec, scheme
+        self._dense: dict[tuple[int, int], torch.nn.Module] = {}
+        self._cache_left = int(cache_gib * 1024**3)
         self.quant_root = Path(quant_root) if quant_root is not None else None
         self.stream = LayerStream(model_dir, head=True, device=device, dtype=dtype)
         self.ids = token_ids if token_ids is not None else eval_token_ids(model_dir, spec)
@@ -258,8 +265,17 @@ class StoreEvaluator:
             if bits not in self._manifests:
                 self._manifests[bits] = read_manifest(store)
             stores[bits] = store
-        return self._run(lambda i: self.stream.stored_layer(stores[int(bits_per_layer[i])], i,
-                                                            self._manifests[int(bits_per_layer[i])]))
+        return self._run(lambda i: self._stored(stores[int(bits_per_layer[i])], i, int(bits_per_layer[i])))
+
+    def _stored(self, store: Path, index: int, bits: int) -> torch.nn.Module:
+        if (index, bits) in self._dense:
+            return self._dense[(index, bits)]
+        layer = self.stream.stored_layer(store, index, self._manifests[bits])
+        size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        if bits < 16 and size <= self._cache_left:
+            self._dense[(index, bits)] = layer
+            self._cache_left -= size
+        return layer
 
 
 def model_perplexity(model_dir: str | Path, spec: EvalSpec, bits_per_layer: Sequence[int] | None = None,

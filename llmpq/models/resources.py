@@ -7,7 +7,8 @@ layer, and the calibration or eval windows' hidden states, never the whole model
 - import_model (a GGUF dequantized in one piece): 2 · P · 4 bytes (the model and its save);
 - quantize (GPTQ): E + 3 · W_layer + Σ_linears in² · 4 (one Hessian per linear) + X_cal · (2 + ffn/hidden);
 - calibrate: E + 2 · W_layer + 3 · X_cal (+ H + the reference log-probs n·s·V·4 for kl / loss_delta);
-- ppl_map, evaluate (perplexity): E + H + 2 · W_layer + X_eval · 2 + one batch of logits 8 · w · V · 4;
+- ppl_map, evaluate (perplexity): E + H + 2 · W_layer + X_eval · 2 + one batch of logits 8 · w · V · 4
+  + the dequantized layers kept for later plans (at most `DENSE_CACHE_GIB`);
 
 with P parameters, E / H the embedding / head at 4 bytes per parameter, W_layer one layer's parameters
 · 4, X = windows · tokens · hidden · 4, plus `BASE_MB` for the interpreter, torch, transformers and
@@ -34,6 +35,8 @@ GPTQ_COLUMN_S = 5e-4      # GPTQ's per-column work outside the matmuls (a Python
 SAFETY = 4.0              # runtime = SAFETY × estimate + STARTUP_MIN
 STARTUP_MIN = 5
 LOGIT_BATCH = 8
+DENSE_CACHE_GIB = 1.0     # llmpq.evaluate.perplexity.DENSE_CACHE_GIB (not imported: that module imports torch)
+QUANTIZED_BITS = (8, 4, 3, 2)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ def perplexity_resources(shape: ModelShape, windows: int, window: int, evaluatio
                          gpu: bool = False) -> RuleResources:
     """ppl_map / evaluate: `evaluations` full passes over the eval windows, one layer at a time."""
     tokens = windows * window
+    cache = min(DENSE_CACHE_GIB * 1024**3, shape.num_layers * len(QUANTIZED_BITS) * _layer_bytes(shape))
     memory = (_embed_bytes(shape) + _head_bytes(shape) + 2 * _layer_bytes(shape) + 2 * tokens * shape.hidden * FP32
-              + LOGIT_BATCH * window * shape.vocab * FP32)
+              + LOGIT_BATCH * window * shape.vocab * FP32 + cache)
     flops = evaluations * 2 * (shape.num_layers * shape.layer.params + shape.head_params) * tokens
     return RuleResources(_mb(memory), _minutes(flops, gpu), int(gpu))
