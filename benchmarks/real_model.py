@@ -339,7 +339,8 @@ def main() -> int:
     best = record["best_indicator"]
     print(f"real_model: ppl " + " ".join(f"w{b}={v:.2f}" for b, v in uniform.items())
           + f"; spearman {best}={rho[best]:+.3f} bits_only={rho['bits_only']:+.3f} over {len(plans)} plans; "
-          + "mixed<=uniform " + " ".join(f"w{m['uniform_bits']}:{m['mixed_ppl']:.2f}/{m['uniform_ppl']:.2f}" for m in mixed)
+          + "mixed/uniform ppl " + " ".join(f"w{m['uniform_bits']}:{m['mixed_ppl']:.2f}/{m['uniform_ppl']:.2f}"
+                                              for m in mixed)
           + f"; quantize peak {peak['peak_rss_gib']:.2f} GiB; tokens_match_hf={tokens['match']} -> {args.out}")
     return 0
 

@@ -245,7 +245,9 @@ def chat_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]] | None:
     before, found, after = str(rendered).partition(CHAT_MARKER)
     if not found:
         raise ValueError("the tokenizer's chat template drops the user's message")
-    encode = lambda text: list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else []  # type: ignore[index]  # noqa: E731
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else []  # type: ignore[index]
+
     return encode(before), encode(after)
 
 
