@@ -9,15 +9,19 @@ stopped; `--fresh` forgets the cache and the experiment's results first):
    the time of each stage from the rules' benchmark files (`logs/benchmarks/`).
 2. `ppl`: perplexity of every uniform bit-width with the workflow's GPTQ layers, on the eval config's
    held-out text (Shakespeare's Hamlet, windows of 128 tokens).
-3. `indicators`: ω of every indicator: `variance` and `output_error` on the workflow's calibration
-   windows, `kl` and `loss_delta` (which run the rest of the model after each quantized layer, O(L²)) on
-   the first `--e2e-samples` of them; `bits_only` as the reference.
+3. `indicators`: ω of every indicator on the workflow's calibration windows: those of the workflow's
+   sensitivity table (SmolLM2 plans with `kl`, whose end-to-end runs also give `loss_delta` and
+   `output_error`), the others computed the same way (`kl` and `loss_delta` run the rest of the model
+   after each quantized layer, O(L²), on the first `sensitivity.end_to_end_samples` windows);
+   `bits_only` as the reference.
 4. `spearman`: ρ between each indicator's Σω and the measured perplexity over `--plans` mixed plans of
    equal weight bytes (each a placement of one fixed multiset of bits over the 30 layers; from plans that
    put the lowest bits on the layers the planner's indicator ranks most sensitive, through random ones,
    to plans that avoid them).
 5. `mixed_vs_uniform`: for the weight bytes of uniform 3-, 4- and 8-bit, the plan the planner picks
-   (`adabits`: least Σω under a one-device memory cap that the uniform plan exactly fits) vs the uniform plan.
+   (`adabits`: least Σω of the model's planner indicator under a one-device memory cap that the uniform
+   plan exactly fits) vs the uniform plan; `mixed_vs_uniform_by_indicator` repeats it with the other
+   indicators' ω (why SmolLM2's config names `kl`: see `conf/model/smollm2-135m.yaml`).
 6. `quantize_peak_rss_gib`: peak resident memory of `llmpq quantize bits=4` as a child process.
 7. `tokens_match_hf`: a one-stage 16-bit deploy against HF `generate` (greedy) on the same chat prompts.
 8. `methods`: the experiment's measured and predicted tok/s and perplexity per method.
@@ -61,7 +65,8 @@ from llmpq.models.source import model_dir, model_shape
 from llmpq.quantize.calibration import CalibrationSpec
 from llmpq.runtime.launch import DeployOptions, deploy
 from llmpq.sensitivity.indicators import INDICATORS
-from llmpq.sensitivity.run import CalibrateJob, calibrate
+from llmpq.sensitivity.ppl_map import configured_indicator
+from llmpq.sensitivity.run import CalibrateJob, SensitivityRow, calibrate, write_sensitivity
 from llmpq.solve.plan import read_plan, to_json
 
 OUT = Path("benchmarks/results/real_model.json")
@@ -151,19 +156,19 @@ class Perplexities:
 
 
 def omega_tables(exp: Any, weights: Path, results: Path, e2e_samples: int) -> dict[str, dict[str, float]]:
-    """ω per indicator as {"layer,bits": ω}: variance and output_error on the workflow's calibration windows,
-    kl and loss_delta on the first `e2e_samples` of them."""
-    calibration = CalibrationSpec.from_raw(exp.raw["calibration"])
-    root = paths.quant_root(results, MODEL)
-    bits = tuple(exp.model.bits)
-    local = calibrate(CalibrateJob(MODEL, weights, root, exp.model.quant.scheme, bits, calibration,
-                                   ("variance", "output_error", "bits_only")), progress=False)
-    small = CalibrationSpec(calibration.source, e2e_samples, calibration.seq_len)
-    end_to_end = calibrate(CalibrateJob(MODEL, weights, root, exp.model.quant.scheme, bits, small,
-                                        ("kl", "loss_delta")), progress=False)
+    """ω per indicator as {"layer,bits": ω}: the workflow's sensitivity table, and the indicators it lacks
+    computed with the same calibration windows (kl and loss_delta on the first `e2e_samples` of them, as the
+    workflow's calibrate does)."""
     tables: dict[str, dict[str, float]] = {name: {} for name in INDICATORS}
-    for row in [*local, *end_to_end]:
-        tables[row.indicator][f"{row.layer},{row.bits}"] = row.omega
+    for row in read_table("sensitivity", paths.sensitivity_path(results, MODEL)).to_pylist():
+        tables[row["indicator"]][f"{row['layer']},{row['bits']}"] = row["omega"]
+    missing = tuple(name for name in INDICATORS if not tables[name])
+    if missing:
+        calibration = CalibrationSpec.from_raw(exp.raw["calibration"])
+        job = CalibrateJob(MODEL, weights, paths.quant_root(results, MODEL), exp.model.quant.scheme,
+                           tuple(exp.model.bits), calibration, missing, e2e_samples)
+        for row in calibrate(job, progress=False):
+            tables[row.indicator][f"{row.layer},{row.bits}"] = row.omega
     return tables
 
 
@@ -196,6 +201,17 @@ def equal_byte_plans(ranking: list[int], multiset: dict[int, int], count: int, s
     return plans
 
 
+def mixed_vs_uniform(exp: Any, results: Path, work: Path, ppl: Callable, layers: int) -> list[dict[str, Any]]:
+    """For each budget bit-width: the planner's mixed plan at the uniform plan's memory, and both perplexities."""
+    out = []
+    for bits in BUDGET_BITS:
+        plan, need = mixed_plan_at(exp, results, bits, work)
+        out.append({"budget_bytes": weight_bytes(exp, (bits,) * layers), "stage_bytes": need, "uniform_bits": bits,
+                    "mixed_bits": list(plan), "mixed_weight_bytes": weight_bytes(exp, plan),
+                    "mixed_ppl": ppl(plan), "uniform_ppl": ppl((bits,) * layers)})
+    return out
+
+
 def weight_bytes(exp: Any, bits: tuple[int, ...]) -> int:
     """Bytes of the decoder layers' weights of a plan on a CPU device (the planner's `layer_weight_bytes`)."""
     shape = model_shape(exp.model)
@@ -204,8 +220,9 @@ def weight_bytes(exp: Any, bits: tuple[int, ...]) -> int:
 
 
 def mixed_plan_at(exp: Any, results: Path, bits: int, work: Path) -> tuple[tuple[int, ...], int]:
-    """The planner's least-Σω plan (`adabits`) on one CPU device whose memory the uniform `bits` plan exactly
-    fits (a cluster and device written to a config dir of `work`)."""
+    """The planner's least-Σω plan (`adabits`, with the sensitivity table under `results`) on one CPU device
+    whose memory the uniform `bits` plan exactly fits (a cluster and device written to a config dir of
+    `work`)."""
     shape = model_shape(exp.model)
     device = exp.devices["cpu-smol-large"]
     batch = exp.workload.batch
@@ -213,8 +230,8 @@ def mixed_plan_at(exp: Any, results: Path, bits: int, work: Path) -> tuple[tuple
                         first=True, last=True).total_bytes
     cap = (need + 4096) / 1024**3
     conf = work / f"conf-w{bits}"
-    (conf / "device").mkdir(parents=True)
-    (conf / "cluster").mkdir()
+    (conf / "device").mkdir(parents=True, exist_ok=True)
+    (conf / "cluster").mkdir(exist_ok=True)
     (conf / "device" / "bench-cap.yaml").write_text(f"defaults:\n  - cpu\n  - _self_\nmemory_gib: {cap!r}\n"
                                                     f"memory_cap_gib: {cap!r}\n")
     (conf / "cluster" / "bench-one.yaml").write_text(
@@ -269,7 +286,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--plans", type=int, default=44, help="equal-byte mixed plans for the Spearman ρ")
-    parser.add_argument("--e2e-samples", type=int, default=8, help="calibration windows for kl and loss_delta")
     parser.add_argument("--fresh", action="store_true", help="drop the cache and the experiment's results first")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -293,8 +309,9 @@ def main() -> int:
     ppl = Perplexities(cache, StoreEvaluator(weights, spec, paths.quant_root(results, MODEL), exp.model.quant.scheme))
     layers = model_shape(exp.model).num_layers
     uniform = {str(b): ppl((b,) * layers) for b in UNIFORM_BITS}
-    omega = cache.stage("indicators", lambda: omega_tables(exp, weights, results, args.e2e_samples))
-    planner = exp.raw.get("sensitivity", {}).get("indicator", "output_error")
+    e2e_samples = int(exp.raw["sensitivity"]["end_to_end_samples"])
+    omega = cache.stage("indicators", lambda: omega_tables(exp, weights, results, e2e_samples))
+    planner = configured_indicator(exp)
     low = min(PLAN_MULTISET)
     ranking = sorted(range(layers), key=lambda i: -omega[planner][f"{i},{low}"])
     plans = equal_byte_plans(ranking, PLAN_MULTISET, args.plans, SEED)
@@ -302,12 +319,13 @@ def main() -> int:
     measured = [ppl(p) for p in plans]
     rho = {name: spearman([omega_sum(omega[name], p) for p in plans], measured) for name in INDICATORS}
     with tempfile.TemporaryDirectory(prefix="real-model-solve-") as tmp:
-        mixed = []
-        for bits in BUDGET_BITS:
-            plan, need = mixed_plan_at(exp, results, bits, Path(tmp))
-            mixed.append({"budget_bytes": weight_bytes(exp, (bits,) * layers), "stage_bytes": need,
-                          "uniform_bits": bits, "mixed_bits": list(plan), "mixed_weight_bytes": weight_bytes(exp, plan),
-                          "mixed_ppl": ppl(plan), "uniform_ppl": ppl((bits,) * layers)})
+        mixed = mixed_vs_uniform(exp, results, Path(tmp), ppl, layers)
+        by_indicator = {}
+        for name in ("output_error", "variance"):
+            alone = Path(tmp) / name
+            rows = [SensitivityRow(*map(int, key.split(",")), name, value) for key, value in omega[name].items()]
+            write_sensitivity(rows, paths.sensitivity_path(alone, MODEL), {})
+            by_indicator[name] = mixed_vs_uniform(exp, alone, Path(tmp) / f"work-{name}", ppl, layers)
     peak = cache.stage("quantize_peak_rss", lambda: quantize_peak_rss(results, 4))
     tokens = cache.stage("tokens_match_hf", lambda: tokens_match(results))
     timings = cache.load("ppl", {})
@@ -323,10 +341,11 @@ def main() -> int:
         "best_indicator": max((k for k in rho if k != "bits_only"), key=rho.__getitem__),
         "calibration_windows": {"variance": exp.raw["calibration"]["samples"],
                                 "output_error": exp.raw["calibration"]["samples"],
-                                "kl": args.e2e_samples, "loss_delta": args.e2e_samples},
+                                "kl": e2e_samples, "loss_delta": e2e_samples},
         "plans": [{"bits": list(p), "perplexity": v, "omega_sum": {k: omega_sum(omega[k], p) for k in INDICATORS}}
                   for p, v in zip(plans, measured)],
-        "mixed_vs_uniform": mixed,
+        "mixed_vs_uniform": mixed, "planner_indicator": planner,
+        "mixed_vs_uniform_by_indicator": by_indicator,
         "quantize_peak_rss_gib": peak["peak_rss_gib"], "quantize_w4_seconds": peak["seconds"],
         "tokens_match_hf": tokens["match"], "tokens_check": tokens,
         "methods": methods(results),

@@ -100,7 +100,8 @@ def test_calibrate_tiny_opt(tiny_opt_dir, tmp_path):
     for bits in (16, 8, 4, 2):
         quantize_store(QuantizeJob("tiny-opt", tiny_opt_dir, tmp_path / f"rtn-w{bits}", "rtn", bits, 128),
                        progress=False)
-    job = CalibrateJob("tiny-opt", tiny_opt_dir, tmp_path, "rtn", (16, 8, 4, 2), calibration, INDICATORS)
+    job = CalibrateJob("tiny-opt", tiny_opt_dir, tmp_path, "rtn", (16, 8, 4, 2), calibration, INDICATORS,
+                       end_to_end_samples=5)
     rows = calibrate(job, progress=False)
     layers = json.loads((Path(tiny_opt_dir) / "config.json").read_text())["num_hidden_layers"]
     assert len(rows) == layers * 4 * len(INDICATORS)
@@ -137,11 +138,27 @@ def test_calibrate_tiny_opt(tiny_opt_dir, tmp_path):
     expected = variance_omega(linear_steps(header, tensors), {n: m.variance() for n, m in moments.items()})
     assert omega["variance"][(index, bits)] == pytest.approx(expected, rel=1e-6)
     model.model.decoder.layers[index] = quantized
+    first = windows[:5]                           # kl and loss_delta use the first end_to_end_samples windows
     with torch.no_grad():
-        log_q = torch.log_softmax(model(input_ids=windows, use_cache=False).logits.float(), dim=-1)
-    kl = float((reference.exp() * (reference - log_q)).sum()) / windows.numel()
+        log_q = torch.log_softmax(model(input_ids=first, use_cache=False).logits.float(), dim=-1)
+    reference = reference[:5]
+    kl = float((reference.exp() * (reference - log_q)).sum()) / first.numel()
     assert omega["kl"][(index, bits)] == pytest.approx(kl, rel=1e-3)
     default = calibrate(CalibrateJob("tiny-opt", tiny_opt_dir, tmp_path, "rtn", (16, 4), calibration), progress=False)
     assert {r.indicator for r in default} == {"output_error", "bits_only"}
     assert {(r.layer, r.bits): r.omega for r in default if r.indicator == "output_error"}[(index, 4)] == \
         pytest.approx(omega["output_error"][(index, 4)], rel=1e-9)
+
+
+def test_calibrate_computes_the_planner_indicator_only():
+    from llmpq.config import compose_experiment
+    from llmpq.sensitivity.ppl_map import configured_indicator
+    from llmpq.sensitivity.run import requested_indicators
+
+    assert configured_indicator(compose_experiment([])) == "output_error"
+    assert configured_indicator(compose_experiment(["sensitivity.indicator=variance"])) == "variance"
+    assert configured_indicator(compose_experiment(["model=smollm2-135m"])) == "kl"      # the model's own choice
+    assert requested_indicators(None, "output_error") == ("output_error", "bits_only")
+    assert requested_indicators(None, "kl") == ("kl", "output_error", "loss_delta", "bits_only")
+    assert requested_indicators("variance", "kl") == ("variance", "bits_only")
+    assert requested_indicators("all", "kl") == ("variance", "output_error", "kl", "loss_delta", "bits_only")

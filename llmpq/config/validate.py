@@ -160,6 +160,7 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
         quant=QuantSpec(scheme=q.get("scheme", str, "gptq", one_of(KNOWN_SCHEMES)), group_size=q.get("group_size", int, 128, positive)),
         hf_config=dict(r.get("hf_config", Mapping, {})) or None,
         install=r.get("install", str, None),
+        indicator=r.get("indicator", str, None),
     )
 
 

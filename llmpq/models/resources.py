@@ -95,17 +95,20 @@ def quantize_resources(shape: ModelShape, samples: int, seq_len: int, gpu: bool 
 
 
 def calibrate_resources(shape: ModelShape, samples: int, seq_len: int, low_bits: int, end_to_end: bool = False,
-                        gpu: bool = False) -> RuleResources:
+                        gpu: bool = False, end_to_end_samples: int | None = None) -> RuleResources:
     """calibrate: the unquantized layer and each stored bit-width on the calibration tokens; kl and
-    loss_delta also run the rest of the model after every (layer, bits), O(L²)."""
+    loss_delta also run the rest of the model and the head after every (layer, bits), O(L²), on
+    `end_to_end_samples` windows (default all)."""
     tokens = samples * seq_len
     hidden_states = tokens * shape.hidden * FP32
     memory = _embed_bytes(shape) + 2 * _layer_bytes(shape) + 3 * hidden_states
-    layer_runs = shape.num_layers * (1 + low_bits)
+    flops = 2 * shape.layer.params * tokens * shape.num_layers * (1 + low_bits)
     if end_to_end:
-        memory += _head_bytes(shape) + tokens * shape.vocab * FP32 + low_bits * hidden_states
-        layer_runs += low_bits * shape.num_layers * (shape.num_layers - 1) // 2
-    flops = 2 * shape.layer.params * tokens * layer_runs
+        e2e_tokens = min(samples, end_to_end_samples or samples) * seq_len
+        memory += _head_bytes(shape) + e2e_tokens * shape.vocab * FP32 * 2 + low_bits * e2e_tokens * shape.hidden * FP32
+        runs = low_bits * shape.num_layers * (shape.num_layers - 1) // 2
+        heads = low_bits * shape.num_layers
+        flops += 2 * e2e_tokens * (shape.layer.params * runs + shape.head_params * heads)
     return RuleResources(_mb(memory), _minutes(flops, gpu), int(gpu))
 
 

@@ -78,8 +78,9 @@ class PplMap:
 
 
 def configured_indicator(exp: Any) -> str:
-    """The planner's indicator: `sensitivity.indicator` of the config (default output_error)."""
-    return str((exp.raw.get("sensitivity") or {}).get("indicator") or DEFAULT_INDICATOR)
+    """The planner's indicator: the model config's `indicator`, else `sensitivity.indicator` (default
+    output_error)."""
+    return str(exp.model.indicator or (exp.raw.get("sensitivity") or {}).get("indicator") or DEFAULT_INDICATOR)
 
 
 def _isotonic(ys: Sequence[float], weights: Sequence[float]) -> list[float]:

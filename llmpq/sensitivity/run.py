@@ -4,12 +4,14 @@ Reads the model's weights one decoder layer at a time (`LayerStream`), the calib
 quantized store of every bit-width below 16 (`results/quantized/{model}/{scheme}-w{bits}/`, so `quantize`
 runs first); writes the `sensitivity` table (one row per layer × bits × indicator; ω = 0 at 16 bits).
 
-Which indicators: `sensitivity.indicator` of the config (default `output_error`) and `bits_only`, or
-`indicator=NAME`, or `indicator=all` (what the validation benchmark compares). For layer i, the
-unquantized layer runs on the unquantized model's hidden states X_i (recording its linears' input moments
-for `variance`), giving Y_i = X_{i+1}; each stored bit-width of layer i runs on the same X_i. `kl` and
-`loss_delta` then run layers i+1..L−1 and the head on that output and compare with the unquantized
-model's log-probabilities, which are kept for the whole run (windows × seq × vocab × 4 bytes).
+Which indicators: the model config's `indicator`, else `sensitivity.indicator` of the config (default
+`output_error`), and `bits_only`; or `indicator=NAME`, or `indicator=all` (what the validation benchmark
+compares). For layer i, the unquantized layer runs on the unquantized model's hidden states X_i
+(recording its linears' input moments for `variance`), giving Y_i = X_{i+1}; each stored bit-width of
+layer i runs on the same X_i. `kl` and `loss_delta` then run layers i+1..L−1 and the head on that output
+and compare with the unquantized model's log-probabilities, which are kept for the whole run (windows ×
+seq × vocab × 4 bytes); they use the first `sensitivity.end_to_end_samples` windows (O(L²) layer runs
+per bit-width).
 """
 
 from __future__ import annotations
@@ -45,15 +47,19 @@ class CalibrateJob:
     bits: tuple[int, ...]
     calibration: CalibrationSpec
     indicators: tuple[str, ...] = (DEFAULT_INDICATOR, "bits_only")
+    end_to_end_samples: int | None = None     # kl / loss_delta on the first windows only (None: all)
 
     def __post_init__(self) -> None:
         unknown = set(self.indicators) - set(INDICATORS)
         if unknown:
             raise ValueError(f"unknown indicators {sorted(unknown)} (known: {', '.join(INDICATORS)})")
+        if self.end_to_end_samples is not None and self.end_to_end_samples < 1:
+            raise ValueError(f"sensitivity.end_to_end_samples must be >= 1, got {self.end_to_end_samples}")
 
     def slice(self) -> dict[str, Any]:
         return {"model": self.model_name, "scheme": self.scheme, "bits": list(self.bits),
-                "calibration": vars(self.calibration), "indicators": list(self.indicators)}
+                "calibration": vars(self.calibration), "indicators": list(self.indicators),
+                "end_to_end_samples": self.end_to_end_samples}
 
 
 @dataclass(frozen=True)
@@ -105,9 +111,10 @@ def calibrate(job: CalibrateJob, progress: bool = True, device: str = "cpu") -> 
     windows = calibration_windows(AutoTokenizer.from_pretrained(str(job.model_dir)), job.calibration,
                                   stream.shape.max_positions).to(stream.device)
     hidden = stream.embed(windows)
+    e2e_rows = min(len(windows), job.end_to_end_samples or len(windows))
     reference: list[torch.Tensor] = []
     if end_to_end:
-        final = run_layers(stream, hidden, stream.fp_layer)
+        final = run_layers(stream, hidden[:e2e_rows], stream.fp_layer)
         reference = [stream.log_probs(chunk) for chunk in final.split(stream.batch)]
         del final
     low = sorted((b for b in set(job.bits) if b < FP_BITS), reverse=True)
@@ -141,9 +148,9 @@ def calibrate(job: CalibrateJob, progress: bool = True, device: str = "cpu") -> 
                 quantized = stream.forward(stream.stored_layer(path, index, verify=False), index, hidden)
                 omegas[bits]["output_error"] = output_error(quantized, target)
                 if end_to_end:
-                    outputs[bits] = quantized
+                    outputs[bits] = quantized[:e2e_rows]
         if end_to_end:
-            for bits, found in _end_to_end(stream, index, outputs, windows, reference).items():
+            for bits, found in _end_to_end(stream, index, outputs, windows[:e2e_rows], reference).items():
                 omegas[bits].update(found)
         rows += [SensitivityRow(index, bits, name, omegas[bits][name]) for bits in low for name in job.indicators]
         hidden = target
@@ -157,11 +164,13 @@ def write_sensitivity(rows: Sequence[SensitivityRow], path: Path, meta: Mapping[
 
 
 def requested_indicators(requested: str | None, configured: str) -> tuple[str, ...]:
-    """The indicators to compute: `requested` (a name or `all`), else the configured one; bits_only always."""
+    """The indicators to compute: `requested` (a name or `all`), else the configured one; bits_only always,
+    and with an end-to-end indicator also output_error and the other end-to-end one (the same runs give them)."""
     if requested == "all":
         return INDICATORS
-    chosen = (requested or configured,)
-    return chosen if "bits_only" in chosen else chosen + ("bits_only",)
+    name = requested or configured
+    free = ("output_error", *END_TO_END) if name in END_TO_END else ()
+    return tuple(dict.fromkeys((name, *free, "bits_only")))
 
 
 def cli_calibrate(exp: Any, args: Any) -> int:
@@ -173,8 +182,10 @@ def cli_calibrate(exp: Any, args: Any) -> int:
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory with weights")
     indicators = requested_indicators(args.indicator, configured_indicator(exp))
+    samples = (exp.raw.get("sensitivity") or {}).get("end_to_end_samples")
     job = CalibrateJob(exp.model.name, weights, quant_root(args.results, exp.model.name), exp.model.quant.scheme,
-                       tuple(exp.model.bits), CalibrationSpec.from_raw(exp.raw["calibration"]), indicators)
+                       tuple(exp.model.bits), CalibrationSpec.from_raw(exp.raw["calibration"]), indicators,
+                       int(samples) if samples else None)
     device = quality_device(exp)
     rows = calibrate(job, device=device)
     out = args.out or sensitivity_path(args.results, exp.model.name)

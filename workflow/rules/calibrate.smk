@@ -8,7 +8,7 @@ rule calibrate:
     params:
         cli=llmpq("calibrate"),
         calibration=config["calibration"],
-        sensitivity=config["sensitivity"],
+        sensitivity=lambda wc: sensitivity_slice(wc.model),
         bits=lambda wc: model_slice(wc.model)["bits"],
     resources:
         mem_mb=lambda wc, input: quality_resources(wc.model, "calibrate")["mem_mb"],
@@ -35,7 +35,7 @@ rule ppl_map:
     params:
         cli=llmpq("ppl-map"),
         eval=config["eval"],
-        sensitivity=config["sensitivity"],
+        sensitivity=lambda wc: sensitivity_slice(wc.model),
         device=config["calibration"]["device"],
     resources:
         mem_mb=lambda wc, input: quality_resources(wc.model, "ppl_map")["mem_mb"],

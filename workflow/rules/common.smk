@@ -94,6 +94,14 @@ def model_of_cluster(cluster):
     return experiment("tiny-opt", cluster).cluster.model or "tiny-opt"
 
 
+def sensitivity_slice(model):
+    """What calibrate and ppl_map depend on beyond the text: the model's planner indicator (its config's
+    `indicator`, else sensitivity.indicator) and the end-to-end sample count."""
+    sensitivity = dict(config.get("sensitivity") or {})
+    sensitivity["indicator"] = experiment(model, "local-cpu").model.indicator or sensitivity.get("indicator")
+    return sensitivity
+
+
 def model_weights(model):
     """Input that stands for the model's weights (the tiny model is built by a rule, a GGUF source imported)."""
     if model == "tiny-opt":
@@ -127,9 +135,11 @@ def quality_resources(model, stage):
     if stage == "quantize":
         found = quantize_resources(shape, calibration["samples"], calibration["seq_len"], gpu)
     elif stage == "calibrate":
-        end_to_end = (config.get("sensitivity") or {}).get("indicator") in END_TO_END
+        sensitivity = sensitivity_slice(model)
+        end_to_end = sensitivity["indicator"] in END_TO_END
+        samples = sensitivity["end_to_end_samples"] if end_to_end else None
         found = calibrate_resources(shape, calibration["samples"], calibration["seq_len"],
-                                    sum(1 for b in spec.bits if b < 16), end_to_end, gpu)
+                                    sum(1 for b in spec.bits if b < 16), end_to_end, gpu, samples)
     elif stage == "ppl_map":
         found = perplexity_resources(shape, windows, evaluation["window"], len(spec.bits) + DEFAULT_POINTS, gpu)
     else:
