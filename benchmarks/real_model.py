@@ -19,9 +19,10 @@ stopped; `--fresh` forgets the cache and the experiment's results first):
    put the lowest bits on the layers the planner's indicator ranks most sensitive, through random ones,
    to plans that avoid them).
 5. `mixed_vs_uniform`: for the weight bytes of uniform 3-, 4- and 8-bit, the plan the planner picks
-   (`adabits`: least Σω of the model's planner indicator under a one-device memory cap that the uniform
-   plan exactly fits) vs the uniform plan; `mixed_vs_uniform_by_indicator` repeats it with the other
-   indicators' ω (why SmolLM2's config names `kl`: see `conf/model/smollm2-135m.yaml`).
+   (`adabits`: least Σω of the model's planner indicator under a one-device memory cap that leaves exactly
+   those bytes for the layers' weights) vs the uniform plan; `mixed_vs_uniform_by_indicator` repeats it
+   with the other indicators' ω (why SmolLM2's config names `kl`: see `conf/model/smollm2-135m.yaml`);
+   `mixed_between_uniform_levels`: budgets halfway between 3/4 and 4/8 bits against both neighbours.
 6. `quantize_peak_rss_gib`: peak resident memory of `llmpq quantize bits=4` as a child process.
 7. `tokens_match_hf`: a one-stage 16-bit deploy against HF `generate` (greedy) on the same chat prompts.
 8. `methods`: the experiment's measured and predicted tok/s and perplexity per method.
@@ -202,13 +203,26 @@ def equal_byte_plans(ranking: list[int], multiset: dict[int, int], count: int, s
 
 
 def mixed_vs_uniform(exp: Any, results: Path, work: Path, ppl: Callable, layers: int) -> list[dict[str, Any]]:
-    """For each budget bit-width: the planner's mixed plan at the uniform plan's memory, and both perplexities."""
+    """At the weight bytes of each uniform plan of BUDGET_BITS: the planner's mixed plan and both perplexities."""
     out = []
     for bits in BUDGET_BITS:
-        plan, need = mixed_plan_at(exp, results, bits, work)
-        out.append({"budget_bytes": weight_bytes(exp, (bits,) * layers), "stage_bytes": need, "uniform_bits": bits,
-                    "mixed_bits": list(plan), "mixed_weight_bytes": weight_bytes(exp, plan),
-                    "mixed_ppl": ppl(plan), "uniform_ppl": ppl((bits,) * layers)})
+        budget = weight_bytes(exp, (bits,) * layers)
+        plan = mixed_plan_at(exp, results, budget, work, f"w{bits}")
+        out.append({"budget_bytes": budget, "uniform_bits": bits, "mixed_bits": list(plan),
+                    "mixed_weight_bytes": weight_bytes(exp, plan), "mixed_ppl": ppl(plan),
+                    "uniform_ppl": ppl((bits,) * layers)})
+    return out
+
+
+def mixed_between_levels(exp: Any, results: Path, work: Path, ppl: Callable, layers: int) -> list[dict[str, Any]]:
+    """Budgets halfway between neighbouring uniform plans' bytes: the planner's plan against both neighbours."""
+    out = []
+    for low, high in zip(BUDGET_BITS, BUDGET_BITS[1:]):
+        budget = (weight_bytes(exp, (low,) * layers) + weight_bytes(exp, (high,) * layers)) // 2
+        plan = mixed_plan_at(exp, results, budget, work, f"w{low}-{high}")
+        out.append({"budget_bytes": budget, "mixed_bits": list(plan), "mixed_weight_bytes": weight_bytes(exp, plan),
+                    "mixed_ppl": ppl(plan), "lower_uniform": {"bits": low, "ppl": ppl((low,) * layers)},
+                    "upper_uniform": {"bits": high, "ppl": ppl((high,) * layers)}})
     return out
 
 
@@ -219,17 +233,17 @@ def weight_bytes(exp: Any, bits: tuple[int, ...]) -> int:
     return sum(layer_weight_bytes(shape, b, exp.model.quant, device) for b in bits)
 
 
-def mixed_plan_at(exp: Any, results: Path, bits: int, work: Path) -> tuple[tuple[int, ...], int]:
+def mixed_plan_at(exp: Any, results: Path, weight_budget: int, work: Path, tag: str) -> tuple[int, ...]:
     """The planner's least-Σω plan (`adabits`, with the sensitivity table under `results`) on one CPU device
-    whose memory the uniform `bits` plan exactly fits (a cluster and device written to a config dir of
-    `work`)."""
+    whose memory leaves exactly `weight_budget` bytes for the decoder layers' weights (a cluster and device
+    written to a config dir of `work`)."""
     shape = model_shape(exp.model)
     device = exp.devices["cpu-smol-large"]
     batch = exp.workload.batch
-    need = stage_memory(shape, device, (bits,) * shape.num_layers, exp.workload, batch, batch, exp.model.quant,
-                        first=True, last=True).total_bytes
-    cap = (need + 4096) / 1024**3
-    conf = work / f"conf-w{bits}"
+    full = stage_memory(shape, device, (16,) * shape.num_layers, exp.workload, batch, batch, exp.model.quant,
+                        first=True, last=True)
+    cap = (full.total_bytes - full.weights_bytes + weight_budget + 4096) / 1024**3
+    conf = work / f"conf-{tag}"
     (conf / "device").mkdir(parents=True, exist_ok=True)
     (conf / "cluster").mkdir(exist_ok=True)
     (conf / "device" / "bench-cap.yaml").write_text(f"defaults:\n  - cpu\n  - _self_\nmemory_gib: {cap!r}\n"
@@ -237,13 +251,16 @@ def mixed_plan_at(exp: Any, results: Path, bits: int, work: Path) -> tuple[tuple
     (conf / "cluster" / "bench-one.yaml").write_text(
         "name: bench-one\nnodes:\n  - {name: local, devices: {bench-cap: 1}}\npresent: false\nlinks:\n"
         "  intra_node: {bandwidth_gbps: 2.0, latency_us: 100}\n  inter_node: {bandwidth_gbps: 1.25, latency_us: 50}\n")
-    out = work / f"mixed-w{bits}.json"
+    out = work / f"mixed-{tag}.json"
     code = llmpq_main(["solve", "--config-dir", str(conf), f"model={MODEL}", "cluster=bench-one",
                        f"workload={WORKLOAD}", "solver=adabits", f"results={results}", f"out={out}"])
     if code != 0:
-        raise RuntimeError(f"llmpq solve failed for the {bits}-bit budget")
+        raise RuntimeError(f"llmpq solve failed for the {tag} budget")
     plan = read_plan(out)
-    return tuple(b for stage in plan.stages for b in stage.bits), need
+    bits = tuple(b for stage in plan.stages for b in stage.bits)
+    if weight_bytes(exp, bits) > weight_budget:
+        raise RuntimeError(f"{out}: the plan's weights exceed the {tag} budget")
+    return bits
 
 
 RSS_PROBE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
@@ -297,7 +314,7 @@ def main() -> int:
     cache_dir = results / "bench" / "real_model"
     if args.fresh:
         for path in [cache_dir, *[p for p in results.glob(f"*/{MODEL}") if p.is_dir()],
-                     *results.glob(f"*/*/{MODEL}.*"), *results.glob(f"profiles/*/{MODEL}.parquet"),
+                     *results.glob(f"*/{MODEL}.*"), *results.glob(f"*/*/{MODEL}.*"),
                      paths.links_path(results, CLUSTER)]:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     cache = Cache(cache_dir)
@@ -320,6 +337,7 @@ def main() -> int:
     rho = {name: spearman([omega_sum(omega[name], p) for p in plans], measured) for name in INDICATORS}
     with tempfile.TemporaryDirectory(prefix="real-model-solve-") as tmp:
         mixed = mixed_vs_uniform(exp, results, Path(tmp), ppl, layers)
+        between = mixed_between_levels(exp, results, Path(tmp), ppl, layers)
         by_indicator = {}
         for name in ("output_error", "variance"):
             alone = Path(tmp) / name
@@ -345,7 +363,7 @@ def main() -> int:
         "plans": [{"bits": list(p), "perplexity": v, "omega_sum": {k: omega_sum(omega[k], p) for k in INDICATORS}}
                   for p, v in zip(plans, measured)],
         "mixed_vs_uniform": mixed, "planner_indicator": planner,
-        "mixed_vs_uniform_by_indicator": by_indicator,
+        "mixed_vs_uniform_by_indicator": by_indicator, "mixed_between_uniform_levels": between,
         "quantize_peak_rss_gib": peak["peak_rss_gib"], "quantize_w4_seconds": peak["seconds"],
         "tokens_match_hf": tokens["match"], "tokens_check": tokens,
         "methods": methods(results),
