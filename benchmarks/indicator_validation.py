@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 
 from llmpq.config import compose_experiment
-from llmpq.evaluate.perplexity import EvalSpec, eval_token_ids, perplexity
+from llmpq.evaluate.perplexity import EvalSpec, StoreEvaluator, eval_token_ids
 from llmpq.models.source import model_dir as source_dir
-from llmpq.quantize.bank import LayerBank
 from llmpq.quantize.calibration import CalibrationSpec
 from llmpq.quantize.run import QuantizeJob, quantize_store
 from llmpq.sensitivity.indicators import INDICATORS
@@ -128,15 +127,16 @@ def main() -> int:
                                                 group_size, calibration=calibration), progress=False)
             quant_seconds[bits] = sum(r.seconds for r in report.rows) / len(report.rows)
         t0 = time.perf_counter()
-        rows = calibrate(CalibrateJob(exp.model.name, weights, root, scheme, tuple(bits_list), calibration), progress=False)
+        rows = calibrate(CalibrateJob(exp.model.name, weights, root, scheme, tuple(bits_list), calibration,
+                                      INDICATORS), progress=False)
         calibrate_seconds = time.perf_counter() - t0
         omega = {name: {(r.layer, r.bits): r.omega for r in rows if r.indicator == name} for name in INDICATORS}
-        bank = LayerBank(weights, root, scheme)
         ids = eval_token_ids(weights, spec)
-        n = bank.num_layers
+        evaluator = StoreEvaluator(weights, spec, root, scheme, token_ids=ids)
+        n = evaluator.num_layers
 
         def ppl(plan) -> float:
-            return perplexity(bank.assemble(plan), ids, spec.window, spec.stride, spec.max_windows).perplexity
+            return evaluator.plan(plan).perplexity
 
         low = [b for b in bits_list if b < 16]
         plans = equal_byte_plans(n, low, args.plans, SEED)
@@ -145,9 +145,8 @@ def main() -> int:
         rho = {name: spearman(sums[name], measured) for name in INDICATORS}
         uniform = {f"all-{b}": ppl([b] * n) for b in bits_list}
         best, worst = min(range(len(plans)), key=measured.__getitem__), max(range(len(plans)), key=measured.__getitem__)
-        bf16 = LayerBank(weights, root, scheme, dtype=torch.bfloat16)
-        uniform_bf16 = {f"all-{b}": perplexity(bf16.assemble([b] * n), ids, spec.window, spec.stride,
-                                               spec.max_windows).perplexity for b in bits_list}
+        bf16 = StoreEvaluator(weights, spec, root, scheme, token_ids=ids, dtype=torch.bfloat16)
+        uniform_bf16 = {f"all-{b}": bf16.plan([b] * n).perplexity for b in bits_list}
     result = {
         "model": exp.model.name, "scheme": scheme, "group_size": group_size, "num_layers": n,
         "eval": {"source": spec.source, "window": spec.window, "stride": spec.stride, "max_windows": spec.max_windows},

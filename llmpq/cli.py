@@ -24,6 +24,8 @@ from .data.prompts import PromptsError
 VERBS: dict[str, tuple[str, str]] = {
     "config": ("llmpq.cli:print_config", "print the composed, validated config"),
     "tiny-model": ("llmpq.models.tiny:cli_build", "train and save the embedded tiny-opt model"),
+    "import-model": ("llmpq.models.importer:cli_import_model",
+                     "convert the model's source (gguf:<package>/<file>, a .gguf path) into an HF directory"),
     "profile": ("llmpq.profile.run:cli_profile", "time real layers of the model on one device type (device=STEM)"),
     "profile-links": ("llmpq.profile.links:cli_profile_links", "time stage-to-stage transfers of a present cluster"),
     "quantize": ("llmpq.quantize.run:cli_quantize", "quantize every layer to bits=B into per-layer files"),

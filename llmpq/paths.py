@@ -9,6 +9,11 @@ def tiny_model_dir(results: Path) -> Path:
     return Path(results) / "models" / "tiny-opt"
 
 
+def imported_model_dir(results: Path, model: str) -> Path:
+    """Where `llmpq import-model` writes a model converted from its source (a GGUF file)."""
+    return Path(results) / "models" / model
+
+
 def profile_path(results: Path, device: str, model: str) -> Path:
     return Path(results) / "profiles" / device / f"{model}.parquet"
 

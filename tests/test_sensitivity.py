@@ -1,4 +1,4 @@
-"""Sensitivity: moments over all samples, the variance indicator, calibration capture, ppl_map fit."""
+"""Sensitivity: moments over all samples, the variance indicator, layer-by-layer calibrate vs the whole model, ppl_map fit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmpq.sensitivity.capture import capture
 from llmpq.sensitivity.indicators import variance_omega
 from llmpq.sensitivity.moments import RunningMoments
 from llmpq.sensitivity.ppl_map import fit_ppl_map, load_ppl_map, random_assignments
@@ -29,33 +28,6 @@ def test_variance_indicator_accumulates_every_sample():
     assert moments.variance().tolist() == [5.0, 1.0]
     steps = {"fc": torch.tensor([[0.5, 1.0]])}
     assert variance_omega(steps, {"fc": moments.variance()}) == pytest.approx(2.25)
-
-
-def test_capture_sees_all_calibration_tokens(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=32,
-                                     dropout=0.0)).eval()
-    windows = torch.randint(0, 64, (5, 12))
-    cap = capture(model, windows, batch=2)
-    assert len(cap.batches) == 3 and [len(c) for c in cap.calls] == [3, 3]
-    fc1 = cap.moments[1]["fc1"]
-    assert fc1.count == 5 * 12
-    inputs = []
-    handle = model.model.decoder.layers[1].fc1.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
-    with torch.no_grad():
-        model(input_ids=windows)
-    handle.remove()
-    everything = inputs[0].reshape(-1, 32).double()
-    assert torch.allclose(fc1.variance(), everything.var(0, unbiased=False), rtol=1e-6, atol=1e-9)
-    layer = model.model.decoder.layers[0]
-    call = cap.calls[0][1]
-    with torch.no_grad():
-        replay = layer(call.hidden, **call.kwargs)
-    replay = replay[0] if isinstance(replay, tuple) else replay
-    assert torch.equal(replay, call.output)
 
 
 def _noisy_points(seed: int = 0) -> list[tuple[float, float]]:
@@ -92,25 +64,100 @@ def test_random_assignments_are_distinct_and_use_prepared_bits():
     assert all(len(p) == 8 and set(p) <= {16, 8, 4, 3, 2} and min(p) < 16 for p in plans)
 
 
+def _layer_calls(model, windows, index):
+    calls = []
+    hook = model.model.decoder.layers[index].register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"],
+                                              {k: v for k, v in kwargs.items() if k != "hidden_states"})),
+        with_kwargs=True)
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits
+    hook.remove()
+    return calls, torch.log_softmax(logits.float(), dim=-1)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 @pytest.mark.slow
 def test_calibrate_tiny_opt(tiny_opt_dir, tmp_path):
-    """All indicators on the real quantized layers: complete, zero at 16 bits, growing as bits drop."""
-    from llmpq.quantize.calibration import CalibrationSpec
+    """Every indicator, computed layer by layer, equals the same quantity measured on the whole HF model with
+    the stored layer swapped in; ω is 0 at 16 bits and grows as bits drop; the default computes one indicator."""
+    from transformers import AutoTokenizer
+
+    from llmpq.quantize import load_quantized_layer
+    from llmpq.quantize.calibration import CalibrationSpec, calibration_windows
     from llmpq.quantize.run import QuantizeJob, quantize_store
-    from llmpq.sensitivity.indicators import INDICATORS
+    from llmpq.quantize.store import layer_file, read_layer_file
+    from llmpq.sensitivity.indicators import INDICATORS, linear_steps
+    from llmpq.sensitivity.moments import RunningMoments
     from llmpq.sensitivity.run import CalibrateJob, calibrate, write_sensitivity
     from llmpq.sensitivity.table import read_omega
 
-    calibration = CalibrationSpec("shakespeare", 16, 128)
+    calibration = CalibrationSpec("shakespeare", 12, 96)
     for bits in (16, 8, 4, 2):
         quantize_store(QuantizeJob("tiny-opt", tiny_opt_dir, tmp_path / f"rtn-w{bits}", "rtn", bits, 128),
                        progress=False)
-    rows = calibrate(CalibrateJob("tiny-opt", tiny_opt_dir, tmp_path, "rtn", (16, 8, 4, 2), calibration), progress=False)
+    job = CalibrateJob("tiny-opt", tiny_opt_dir, tmp_path, "rtn", (16, 8, 4, 2), calibration, INDICATORS,
+                       end_to_end_samples=5)
+    rows = calibrate(job, progress=False)
     layers = json.loads((Path(tiny_opt_dir) / "config.json").read_text())["num_hidden_layers"]
     assert len(rows) == layers * 4 * len(INDICATORS)
     path = write_sensitivity(rows, tmp_path / "tiny-opt.parquet", {})
+    omega = {name: read_omega(path, name) for name in INDICATORS}
     for name in ("variance", "output_error", "kl"):
-        omega = read_omega(path, name)
         for i in range(layers):
-            assert omega[(i, 16)] == 0.0
-            assert 0 < omega[(i, 8)] < omega[(i, 4)] < omega[(i, 2)]
+            assert omega[name][(i, 16)] == 0.0
+            assert 0 < omega[name][(i, 8)] < omega[name][(i, 4)] < omega[name][(i, 2)]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_opt_dir), dtype=torch.float32).eval()
+    windows = calibration_windows(AutoTokenizer.from_pretrained(str(tiny_opt_dir)), calibration)
+    index, bits = 1, 2
+    calls, reference = _layer_calls(model, windows, index)
+    original = model.model.decoder.layers[index]
+    quantized = load_quantized_layer(model.config, tmp_path / f"rtn-w{bits}", index)
+    num = den = 0.0
+    moments = {name: RunningMoments(m.in_features) for name, m in original.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    hooks = [original.get_submodule(name).register_forward_pre_hook(lambda m, a, s=stats: s.update(a[0]))
+             for name, stats in moments.items()]
+    with torch.no_grad():
+        for hidden, kwargs in calls:
+            want, got = _first(original(hidden, **kwargs)), _first(quantized(hidden, **kwargs))
+            num += float((got.double() - want.double()).pow(2).sum())
+            den += float(want.double().pow(2).sum())
+    for hook in hooks:
+        hook.remove()
+    assert omega["output_error"][(index, bits)] == pytest.approx(num / den, rel=1e-4)
+    assert moments["fc1"].count == windows.numel()
+    header, tensors = read_layer_file(layer_file(tmp_path / f"rtn-w{bits}", index))
+    expected = variance_omega(linear_steps(header, tensors), {n: m.variance() for n, m in moments.items()})
+    assert omega["variance"][(index, bits)] == pytest.approx(expected, rel=1e-6)
+    model.model.decoder.layers[index] = quantized
+    first = windows[:5]                           # kl and loss_delta use the first end_to_end_samples windows
+    with torch.no_grad():
+        log_q = torch.log_softmax(model(input_ids=first, use_cache=False).logits.float(), dim=-1)
+    reference = reference[:5]
+    kl = float((reference.exp() * (reference - log_q)).sum()) / first.numel()
+    assert omega["kl"][(index, bits)] == pytest.approx(kl, rel=1e-3)
+    default = calibrate(CalibrateJob("tiny-opt", tiny_opt_dir, tmp_path, "rtn", (16, 4), calibration), progress=False)
+    assert {r.indicator for r in default} == {"output_error", "bits_only"}
+    assert {(r.layer, r.bits): r.omega for r in default if r.indicator == "output_error"}[(index, 4)] == \
+        pytest.approx(omega["output_error"][(index, 4)], rel=1e-9)
+
+
+def test_calibrate_computes_the_planner_indicator_only():
+    from llmpq.config import compose_experiment
+    from llmpq.sensitivity.ppl_map import configured_indicator
+    from llmpq.sensitivity.run import requested_indicators
+
+    assert configured_indicator(compose_experiment([])) == "output_error"
+    assert configured_indicator(compose_experiment(["sensitivity.indicator=variance"])) == "variance"
+    assert configured_indicator(compose_experiment(["model=smollm2-135m"])) == "kl"      # the model's own choice
+    assert requested_indicators(None, "output_error") == ("output_error", "bits_only")
+    assert requested_indicators(None, "kl") == ("kl", "output_error", "loss_delta", "bits_only")
+    assert requested_indicators("variance", "kl") == ("variance", "bits_only")
+    assert requested_indicators("all", "kl") == ("variance", "output_error", "kl", "loss_delta", "bits_only")

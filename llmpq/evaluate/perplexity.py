@@ -5,6 +5,11 @@ evaluated, not dropped). Each token is scored once: window w scores its position
 previous window on (with `stride < window` the overlap is context only), and a window's first token,
 which has no context in it, is never a target. Perplexity = exp(Σ NLL / scored tokens). Only
 `max_windows` windows are evaluated when given; the result records how many tokens that covered.
+
+A model's own weights and its per-layer stores are evaluated layer by layer (`StoreEvaluator`: all
+windows through one decoder layer at a time, so memory is the embedding, the head, one layer and the
+windows' hidden states); quantized layers run as dense matmuls of their exact dequantized weights
+(`densify`), so a plan's perplexity is that of the deployed weights.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import write_text
+from ..quantize.loader import store_name
+from ..quantize.store import read_manifest
+from ..quantize.stream import LayerStream
 
 
 class NonFiniteLossError(ValueError):
@@ -166,33 +174,130 @@ def read_plan_bits(path: str | Path) -> PlanBits:
     return PlanBits(tuple(bits), str(scheme), str(plan.get("dtype") or "float32"))
 
 
+@torch.no_grad()
+def layerwise_perplexity(stream: Any, token_ids: Sequence[int] | torch.Tensor, window: int, stride: int,
+                         max_windows: int | None, layer: Callable[[int], torch.nn.Module],
+                         hidden: dict[int, torch.Tensor] | None = None) -> PerplexityResult:
+    """Perplexity (module docstring) with `stream` (a `LayerStream` with its head) and `layer(i)` loading
+    decoder layer i; `hidden`: the windows' embeddings by window length, if already computed."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    windows = plan_windows(len(ids), window, stride, max_windows)
+    groups = window_groups(windows)
+    states = dict(hidden) if hidden is not None else embed_windows(stream, ids, windows)
+    for index in range(stream.num_layers):
+        module = layer(index)
+        states = {length: stream.forward(module, index, h) for length, h in states.items()}
+        del module
+    total, scored = 0.0, 0
+    for length, members in groups.items():
+        rows = torch.stack([ids[w.start : w.end] for _, w in members])
+        for first in range(0, len(members), stream.batch):
+            logits = stream.logits(states[length][first : first + stream.batch])
+            for (i, w), row_logits, row_ids in zip(members[first : first + stream.batch], logits, rows[first:]):
+                total += window_nll(row_logits, row_ids.to(row_logits.device), w, i)
+                scored += w.end - w.score_from
+    nll = total / scored
+    return PerplexityResult(math.exp(nll), nll, scored, len(windows), window, stride, len(ids), windows[-1].end)
+
+
+def window_groups(windows: Sequence[Window]) -> dict[int, list[tuple[int, Window]]]:
+    """Windows (with their index) grouped by length, longest first (all but the last are full length)."""
+    groups: dict[int, list[tuple[int, Window]]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault(w.end - w.start, []).append((i, w))
+    return dict(sorted(groups.items(), reverse=True))
+
+
+def embed_windows(stream: Any, ids: torch.Tensor, windows: Sequence[Window]) -> dict[int, torch.Tensor]:
+    """The embeddings of every window, stacked per window length."""
+    return {length: stream.embed(torch.stack([ids[w.start : w.end] for _, w in members]))
+            for length, members in window_groups(windows).items()}
+
+
+DENSE_CACHE_GIB = 1.0
+
+
+class StoreEvaluator:
+    """Perplexity of a model and of per-layer bit assignments from its stores, one layer at a time.
+
+    The embedding, the head and the eval windows' embeddings are loaded once; every evaluation then reads
+    its layers from the checkpoint (`fp`) or from `quant_root/{scheme}-w{bits}/` (sha256-verified).
+    Dequantized layers are kept for later plans up to `cache_gib` (first come; dequantizing costs about
+    as much as running a layer over 1,000 tokens on a CPU), so memory is bounded by it plus one layer.
+    """
+
+    def __init__(self, model_dir: str | Path, spec: "EvalSpec", quant_root: str | Path | None = None,
+                 scheme: str = "gptq", token_ids: torch.Tensor | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, cache_gib: float = DENSE_CACHE_GIB):
+        self.spec, self.scheme = spec, scheme
+        self._dense: dict[tuple[int, int], torch.nn.Module] = {}
+        self._cache_left = int(cache_gib * 1024**3)
+        self.quant_root = Path(quant_root) if quant_root is not None else None
+        self.stream = LayerStream(model_dir, head=True, device=device, dtype=dtype)
+        self.ids = token_ids if token_ids is not None else eval_token_ids(model_dir, spec)
+        windows = plan_windows(len(self.ids), spec.window, spec.stride, spec.max_windows)
+        self.hidden = embed_windows(self.stream, torch.as_tensor(self.ids, dtype=torch.long).flatten(), windows)
+        self._manifests: dict[int, Any] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.stream.num_layers
+
+    def _run(self, layer: Callable[[int], torch.nn.Module]) -> PerplexityResult:
+        return layerwise_perplexity(self.stream, self.ids, self.spec.window, self.spec.stride, self.spec.max_windows,
+                                    layer, self.hidden)
+
+    def fp(self) -> PerplexityResult:
+        """The model with the checkpoint's own weights."""
+        return self._run(self.stream.fp_layer)
+
+    def plan(self, bits_per_layer: Sequence[int]) -> PerplexityResult:
+        """The model with layer i read from the store of `bits_per_layer[i]`."""
+        if self.quant_root is None:
+            raise ValueError("quant_root is needed to evaluate quantized layers")
+        if len(bits_per_layer) != self.num_layers:
+            raise ValueError(f"{len(bits_per_layer)} bit-widths given for a model of {self.num_layers} decoder layers")
+        stores = {}
+        for bits in sorted(set(int(b) for b in bits_per_layer)):
+            store = self.quant_root / store_name(self.scheme, bits)
+            if not store.is_dir():
+                raise FileNotFoundError(f"{store}: no quantized store (run `llmpq quantize bits={bits}` with scheme "
+                                        f"{self.scheme})")
+            if bits not in self._manifests:
+                self._manifests[bits] = read_manifest(store)
+            stores[bits] = store
+        return self._run(lambda i: self._stored(stores[int(bits_per_layer[i])], i, int(bits_per_layer[i])))
+
+    def _stored(self, store: Path, index: int, bits: int) -> torch.nn.Module:
+        if (index, bits) in self._dense:
+            return self._dense[(index, bits)]
+        layer = self.stream.stored_layer(store, index, self._manifests[bits])
+        size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        if bits < 16 and size <= self._cache_left:
+            self._dense[(index, bits)] = layer
+            self._cache_left -= size
+        return layer
+
+
 def model_perplexity(model_dir: str | Path, spec: EvalSpec, bits_per_layer: Sequence[int] | None = None,
                      quant_root: str | Path | None = None, scheme: str = "gptq",
-                     token_ids: torch.Tensor | None = None, progress: bool = False,
+                     token_ids: torch.Tensor | None = None, device: str = "cpu",
                      dtype: str = "float32") -> PerplexityResult:
     """Perplexity of the model in `model_dir` (fp) or, with `bits_per_layer`, of its per-layer quantized store, computed
-    in `dtype` (a plan's: what its stages compute in)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..quantize.loader import load_mixed_model
-
-    compute = getattr(torch, dtype)
-    if bits_per_layer is None:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=compute)
-    else:
-        if quant_root is None:
-            raise ValueError("quant_root is needed to evaluate quantized layers")
-        model = load_mixed_model(model_dir, quant_root, bits_per_layer, scheme, dtype=compute)
-    ids = token_ids if token_ids is not None else eval_token_ids(model_dir, spec)
-    return perplexity(model, ids, spec.window, spec.stride, spec.max_windows, progress=progress)
+    in `dtype` (a plan's: what its stages compute in) on `device`."""
+    if bits_per_layer is not None and quant_root is None:
+        raise ValueError("quant_root is needed to evaluate quantized layers")
+    evaluator = StoreEvaluator(model_dir, spec, quant_root, scheme, token_ids, device, dtype=getattr(torch, dtype))
+    return evaluator.fp() if bits_per_layer is None else evaluator.plan(bits_per_layer)
 
 
 def cli_ppl(exp: Any, args: Any) -> int:
     """`llmpq ppl model=M [plan=PATH | bits=B] [out=PATH]`: print (and write) the perplexity on the eval split."""
     from ..models.source import model_dir
     from ..paths import quant_root as store_root
+    from ..quantize.calibration import quality_device
 
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=args.results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory with weights")
     if args.plan is not None and args.bits is not None:
@@ -206,8 +311,8 @@ def cli_ppl(exp: Any, args: Any) -> int:
         from ..models.source import model_shape
 
         bits = [args.bits] * model_shape(exp.model).num_layers
-    result = model_perplexity(weights, spec, bits, store_root(args.results, exp.model.name), scheme, progress=True,
-                              dtype=dtype)
+    result = model_perplexity(weights, spec, bits, store_root(args.results, exp.model.name), scheme,
+                              device=quality_device(exp), dtype=dtype)
     record = {"model": exp.model.name, "eval": asdict(spec), "scheme": scheme if bits else None,
               "bits_per_layer": bits, "plan": str(args.plan) if args.plan else None, **result.to_dict()}
     print(f"{exp.model.name}: perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "

@@ -275,7 +275,7 @@ def cli_evaluate(exp, args) -> int:
     model, cluster, workload = exp.model.name, exp.cluster.name, exp.workload.name
     plan_dir = paths.plan_path(args.results, model, cluster, workload, "x").parent
     out = args.out or paths.eval_path(args.results, model, cluster, workload)
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=args.results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} has no local weights to evaluate")
     spec = EvalSpec.from_raw(exp.raw["eval"])

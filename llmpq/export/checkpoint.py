@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..models.shape import DECODER_LAYERS, LinearShape
+from ..models.families import family
+from ..models.shape import LinearShape
 from ..quantize.checkpoint import INDEX_FILE, SINGLE_FILE, checkpoint_keys, read_tensors
 from ..quantize.loader import store_name
 from ..quantize.settings import FP_BITS, LayerHeader
@@ -96,7 +97,7 @@ def planned_layers(bits_per_layer: Sequence[int], quant_root: Path, scheme: str,
 def layer_root(model_dir: Path, model_type: str) -> str:
     """The decoder layers' name prefix in the source checkpoint: the causal LM's (`model.decoder.layers`)
     or, for checkpoints saved from the base model, without its first part (`decoder.layers`)."""
-    full = DECODER_LAYERS[model_type]
+    full = family(model_type).layers
     base = full.split(".", 1)[1]
     keys = checkpoint_keys(model_dir)
     for root in (full, base):

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from .. import paths
 from ..artifacts import staged_dir
 from ..config import Experiment
-from ..models.shape import DECODER_LAYERS
+from ..models.families import family
 from ..models.source import model_dir as source_dir
 from ..models.source import model_shape
 from ..solve.plan import Plan, PlanError, read_plan
@@ -96,7 +96,7 @@ def export_plan(exp: Experiment, plan_path: Path, engine: str, out: Path, result
                             plan.quant_group_size, shape.family)
     if violations := plan_violations(*rules, {layer.index: layer.header.linears for layer in layers}):
         raise ExportRefused(where, engine, violations)
-    quant = quantize_config(layers, shape.layer.linears, DECODER_LAYERS[shape.family])
+    quant = quantize_config(layers, shape.layer.linears, family(shape.family).layers)
     settings = engine_settings(plan, exp.workload, exp.devices)
     with staged_dir(out) as staging:
         weights = write_weights(staging, model_dir, layers, shape.family, shard_bytes)

@@ -227,7 +227,7 @@ def cli_profile(exp, args) -> int:
     device = exp.devices.get(args.device) or load_device(args.device, args.config_dir)
     grid = ProfileGrid.from_config(exp.raw.get("profile"))
     out = args.out or paths.profile_path(args.results, device.stem, exp.model.name)
-    path = profile_to(Path(out), hf_config_dict(exp.model), exp.model.name, device, exp.model.quant, grid,
-                      kernels=exp.kernels, dtype=exp.model.dtype)
+    path = profile_to(Path(out), hf_config_dict(exp.model, results=args.results), exp.model.name, device,
+                      exp.model.quant, grid, kernels=exp.kernels, dtype=exp.model.dtype)
     print(f"wrote {path}")
     return 0

@@ -28,12 +28,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from llmpq.models.families import family
 from llmpq.models.shape import decoder_layers, layer_linears
 from llmpq.quantize.gptq_layout import ExllamaScratch, exllama_scratch_bytes, finalize_qlinear, new_qlinear
 from llmpq.quantize.settings import LinearQuant
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED = ("opt", "bloom") + LLAMA_LIKE
 
 
 @dataclass(frozen=True)
@@ -190,12 +188,10 @@ def one_layer_model(hf_config: Mapping[str, Any]) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     data = dict(hf_config)
-    family = data.get("model_type")
-    if family not in SUPPORTED:
-        raise ValueError(f"profiling model_type {family!r} is not supported (known: {', '.join(SUPPORTED)})")
-    data["n_layer" if family == "bloom" else "num_hidden_layers"] = 1
+    fam = family(data.get("model_type"))
+    data[fam.layers_key] = 1
     cfg = AutoConfig.for_model(**data)
-    cfg._attn_implementation = "sdpa" if family != "bloom" else "eager"
+    cfg._attn_implementation = fam.attention
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
 
@@ -286,25 +282,26 @@ def build_parts(hf_config: Mapping[str, Any], device: torch.device, dtype: torch
                 ends: bool = True) -> ModelParts:
     """Materialise the decoder layer (if `layer`) and the embedding and head modules (if `ends`)."""
     model = one_layer_model(hf_config)
-    cfg, family = model.config, model.config.model_type
-    heads = cfg.num_attention_heads if family != "bloom" else cfg.n_head
+    cfg, model_type = model.config, model.config.model_type
+    heads = cfg.num_attention_heads          # BloomConfig maps it to n_head
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     the_layer = materialize(decoder_layers(model)[0], device, dtype) if layer else torch.nn.Identity()
-    embed, head = _ends(model, family, device, dtype) if ends else (_missing, _missing)
-    return ModelParts(family, the_layer, embed, head, heads, kv_heads, head_dim, hidden, cfg.vocab_size)
+    embed, head = _ends(model, model_type, device, dtype) if ends else (_missing, _missing)
+    return ModelParts(model_type, the_layer, embed, head, heads, kv_heads, head_dim, hidden, cfg.vocab_size)
 
 
 def _missing(_: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("embedding and head were not built")
 
 
-def _ends(model: torch.nn.Module, family: str, device: torch.device, dtype: torch.dtype):
+def _ends(model: torch.nn.Module, family_name: str, device: torch.device, dtype: torch.dtype):
     """Per-family embedding step (ids -> hidden) and head step (last position -> greedy token)."""
     tokens = materialize(model.get_input_embeddings(), device, dtype, seed=1)
     lm_head = materialize(model.get_output_embeddings(), device, dtype, seed=2)
-    if family == "opt":
+    position = family(family_name).position
+    if position == "learned":
         dec = model.model.decoder
         positions = materialize(dec.embed_positions, device, dtype, seed=3)
         project_in = materialize(dec.project_in, device, dtype) if dec.project_in is not None else None
@@ -317,7 +314,7 @@ def _ends(model: torch.nn.Module, family: str, device: torch.device, dtype: torc
                 x = project_in(x)
             pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
             return x + positions.weight[pos + positions.offset]
-    elif family == "bloom":
+    elif position == "alibi":
         ln = materialize(model.transformer.word_embeddings_layernorm, device, dtype)
         norm, project_out = materialize(model.transformer.ln_f, device, dtype), None
 
@@ -350,7 +347,8 @@ def layer_call(parts: ModelParts, layer: torch.nn.Module, batch: int, q_tokens: 
     cached = context_len - q_tokens
     pos = torch.arange(cached, context_len, device=device).expand(batch, q_tokens)
     kwargs: dict[str, Any] = {}
-    if parts.family == "bloom":
+    position = family(parts.family).position
+    if position == "alibi":
         kwargs["alibi"] = torch.zeros(batch * parts.heads, 1, context_len, dtype=dtype, device=device)
         mask = torch.zeros(batch, 1, q_tokens, context_len, dtype=dtype, device=device)
         if q_tokens > 1:
@@ -358,10 +356,10 @@ def layer_call(parts: ModelParts, layer: torch.nn.Module, batch: int, q_tokens: 
         kwargs["attention_mask"] = mask
     else:
         kwargs["position_ids"] = pos
-    if parts.family in LLAMA_LIKE:
+    if position == "rotary":
         cos = torch.rand(batch, q_tokens, parts.head_dim, dtype=dtype, device=device)
         kwargs["position_embeddings"] = (cos, torch.rand_like(cos))
-    cache_key = "layer_past" if parts.family == "bloom" else "past_key_values"
+    cache_key = "layer_past" if position == "alibi" else "past_key_values"
 
     def run() -> torch.Tensor:
         cache.reset(cached)

@@ -27,6 +27,16 @@ class CalibrationSpec:
             raise ValueError(f"calibration: need samples >= 1 and seq_len >= 2, got {self.samples}, {self.seq_len}")
 
 
+def quality_device(exp: Any) -> str:
+    """Where quantize, calibrate and perplexity run: `calibration.device` (cpu | cuda; default cpu)."""
+    device = str((exp.raw.get("calibration") or {}).get("device") or "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"calibration.device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("calibration.device is cuda but no CUDA device is visible here")
+    return device
+
+
 def calibration_windows(tokenizer: Any, spec: CalibrationSpec, max_positions: int | None = None) -> torch.Tensor:
     """[samples, seq_len] token ids: windows at evenly spaced offsets of the calib split (deterministic)."""
     if max_positions is not None and spec.seq_len > max_positions:

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from ..models.shape import DECODER_LAYERS
+from ..models.families import family
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,9 +47,7 @@ def read_tensors(model_dir: str | Path, keep: Callable[[str], bool]) -> dict[str
 
 def layer_prefix(model_type: str, index: int) -> str:
     """The state-dict prefix of decoder layer `index` in a causal LM (`model.decoder.layers.3.`)."""
-    if model_type not in DECODER_LAYERS:
-        raise ValueError(f"model_type {model_type!r} is not supported (known: {', '.join(DECODER_LAYERS)})")
-    return f"{DECODER_LAYERS[model_type]}.{index}."
+    return f"{family(model_type).layers}.{index}."
 
 
 def layer_tensors(model_dir: str | Path, model_type: str, index: int) -> dict[str, torch.Tensor]:

@@ -168,6 +168,28 @@ def dequantize(module: "TorchLinear") -> torch.Tensor:
         return module.dequantize_weight().T.float().contiguous()
 
 
+def densify(layer: torch.nn.Module) -> torch.nn.Module:
+    """`layer` with every quantized linear replaced by an `nn.Linear` holding its dequantized weight.
+
+    The same weights the quantized module multiplies with (exactly: fp16 scales × small integers), in a
+    dense matmul instead of a dequantization per call; for evaluating many plans on a CPU, where
+    `TorchLinear` re-dequantizes the whole weight on every call (about 3× slower at 4 bits).
+    """
+    for name, module in list(layer.named_modules()):
+        if not hasattr(module, "qweight"):
+            continue
+        weight = dequantize(module)
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=weight.device, dtype=module.scales.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, dense.eval().requires_grad_(False))
+    return layer
+
+
 def group_steps(scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """The quantization step of every weight element, [out, in], from stored scales [G, out] and g_idx [in]."""
     return scales.float()[g_idx.long()].T.contiguous()

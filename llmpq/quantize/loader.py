@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..models.shape import DECODER_LAYERS
+from ..models.families import family
+from .checkpoint import layer_tensors
 from .gptq_layout import ExllamaScratch, finalize_qlinear, new_qlinear
 from .settings import LayerHeader
 from .store import LayerFileError, ManifestRow, layer_file, read_layer_file, read_manifest, verify_layer_file
@@ -38,7 +39,8 @@ def store_name(scheme: str, bits: int) -> str:
 
 
 def _as_config(model_config: Any) -> Any:
-    """A private copy of a HF config (or of its dict), with an attention implementation set (sdpa if none)."""
+    """A private copy of a HF config (or of its dict), with an attention implementation set (the family's
+    attention kind from the registry if none)."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model_config, PretrainedConfig):
@@ -47,7 +49,7 @@ def _as_config(model_config: Any) -> Any:
         data = dict(model_config)
         config = AutoConfig.for_model(data.pop("model_type"), **data)
     if config._attn_implementation is None:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = family(config.model_type).attention
     return config
 
 
@@ -108,7 +110,7 @@ def load_quantized_layer(
     `path_or_dir` is the layer file or its store directory. With `verify`, the file's sha256 is checked
     against the directory's manifest first (LayerFileError naming the file on mismatch; pass `manifest`
     to reuse one already read). `model_config` is the model's HF config (or its dict); the layer holds a
-    copy, with attention implementation sdpa where the config sets none. `kernels` maps bits to the weight
+    copy, with the family's attention implementation where the config sets none. `kernels` maps bits to the weight
     kernel of the quantized linears (default `torch`); `scratch` is the stage's ExLlama scratch, if any.
     """
     path = Path(path_or_dir)
@@ -137,6 +139,15 @@ def load_quantized_layer(
     return layer.eval().requires_grad_(False)
 
 
+def load_checkpoint_layer(model_config: Any, model_dir: str | Path, layer_index: int,
+                          device: str | torch.device = "cpu", dtype: torch.dtype = DEFAULT_DTYPE) -> torch.nn.Module:
+    """Decoder layer `layer_index` with the unquantized weights of the HF checkpoint in `model_dir`, read alone."""
+    config = _as_config(model_config)
+    layer = empty_decoder_layer(config, layer_index)
+    layer.load_state_dict(layer_tensors(model_dir, config.model_type, layer_index), strict=True, assign=True)
+    return layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def load_mixed_model(
     model_dir: str | Path,
     quant_root: str | Path,
@@ -156,7 +167,7 @@ def load_mixed_model(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    layers = model.get_submodule(DECODER_LAYERS[model.config.model_type])
+    layers = model.get_submodule(family(model.config.model_type).layers)
     if len(bits_per_layer) != len(layers):
         raise ValueError(f"{len(bits_per_layer)} bit-widths given for a model of {len(layers)} decoder layers")
     manifests: dict[int, Mapping[int, ManifestRow]] = {}

@@ -1,14 +1,14 @@
 """`llmpq quantize bits=B`: every decoder layer of a model at B bits, as a per-layer store.
 
 One (scheme, bits) per call and per directory, so adding a bit-width never touches the others. Schemes:
-`gptq` (GPTQModel on the calibration windows, then the checkpoint is cut per layer), `rtn` (round to
-nearest, pure torch, no calibration). `bits=16` writes the unquantized layers in the same file format.
-Norms and other non-linear tensors always come from the original checkpoint, at its dtype.
+`gptq` (layer by layer on the calibration windows, `gptq.py`: one decoder layer in memory at a time),
+`rtn` (round to nearest, pure torch, no calibration). `bits=16` writes the unquantized layers in the same
+file format. Norms and other non-linear tensors always come from the original checkpoint, at its dtype.
+Every path reads one layer's tensors at a time from the safetensors checkpoint.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +22,15 @@ from ..config import config_hash
 from ..models.shape import shape_from_config
 from ..models.source import model_dir as source_dir
 from ..paths import quant_dir
-from .calibration import CalibrationSpec, calibration_windows
+from .calibration import CalibrationSpec, calibration_windows, quality_device
 from .checkpoint import layer_tensors
-from .gptq import run_gptq
+from .gptq import QuantizedLayer, gptq_layers
 from .gptq_layout import dequantize, pack_linear
 from .loader import load_quantized_layer
 from .rtn import rtn_dequantize, rtn_grid
 from .settings import FP_BITS, SCHEMES, LayerHeader, LinearQuant
 from .store import ManifestRow, layer_file, sha256_file, write_layer_file, write_manifest
+from .stream import LayerStream
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 
@@ -99,27 +100,32 @@ def _rtn_source(job: QuantizeJob, model_type: str, linears: tuple[str, ...]) -> 
     return layer
 
 
-def _gptq_source(job: QuantizeJob, model_type: str, linears: tuple[str, ...], workdir: Path,
-                 max_positions: int, num_layers: int) -> LayerSource:
+LayerWriter = Callable[[int, dict[str, torch.Tensor], LayerHeader, float], Path]
+
+
+def _gptq_layers(job: QuantizeJob, model_type: str, linears: tuple[str, ...], max_positions: int,
+                 write: LayerWriter, device: str, progress: bool) -> None:
+    """GPTQ every layer in order (`gptq_layers`), writing each with `write` before the next is loaded."""
     from transformers import AutoTokenizer
 
     assert job.calibration is not None
     windows = calibration_windows(AutoTokenizer.from_pretrained(str(job.model_dir)), job.calibration, max_positions)
-    run = run_gptq(job.model_dir, workdir, job.bits, job.group_size, windows, sym=job.sym)
-    overhead = (run.seconds - sum(run.solve_seconds.values())) / num_layers
+    stream = LayerStream(job.model_dir, head=False, device=device)
+    q = LinearQuant(bits=job.bits, group_size=job.group_size, sym=job.sym)
 
-    def layer(index: int) -> tuple[dict[str, torch.Tensor], LayerHeader, float]:
-        tensors = layer_tensors(job.model_dir, model_type, index)
-        quantized = layer_tensors(run.checkpoint, model_type, index)
+    def rebuild(result: QuantizedLayer) -> torch.nn.Module:
+        tensors = layer_tensors(job.model_dir, model_type, result.index)
         for name in linears:
-            if f"{name}.qweight" not in quantized:
-                raise ValueError(f"{run.checkpoint}: GPTQModel left layer {index}'s {name} unquantized")
             tensors.pop(f"{name}.weight")
             tensors.pop(f"{name}.bias", None)
-            tensors.update({k: v for k, v in quantized.items() if k.startswith(f"{name}.")})
-        header = LayerHeader(index, model_type, job.scheme, job.bits, {n: run.settings for n in linears})
-        return tensors, header, run.solve_seconds.get(index, 0.0) + overhead
-    return layer
+        tensors.update(result.tensors)
+        header = LayerHeader(result.index, model_type, job.scheme, job.bits, {n: result.settings for n in linears})
+        path = write(result.index, tensors, header, result.seconds)
+        return stream.stored_layer(path, result.index, verify=False)
+
+    for _ in tqdm(gptq_layers(stream, windows, q, rebuild), total=stream.num_layers,
+                  desc=f"{job.scheme}-w{job.bits} layers", disable=not progress):
+        pass
 
 
 def weight_rel_error(config: Any, path: Path, index: int, original: Mapping[str, torch.Tensor],
@@ -136,8 +142,8 @@ def weight_rel_error(config: Any, path: Path, index: int, original: Mapping[str,
     return num / den if den else 0.0
 
 
-def quantize_store(job: QuantizeJob, progress: bool = True) -> QuantizeReport:
-    """Build the store of `job` atomically: layer files, then `manifest.parquet`."""
+def quantize_store(job: QuantizeJob, progress: bool = True, device: str = "cpu") -> QuantizeReport:
+    """Build the store of `job` atomically: layer files, then `manifest.parquet` (GPTQ runs on `device`)."""
     from transformers import AutoConfig
 
     start = time.perf_counter()
@@ -145,23 +151,25 @@ def quantize_store(job: QuantizeJob, progress: bool = True) -> QuantizeReport:
     shape = shape_from_config(config)
     linears = tuple(l.name for l in shape.layer.linears)
     rows = []
-    with staged_dir(job.out_dir) as stage, tempfile.TemporaryDirectory(dir=stage, prefix=".gptq-") as work:
-        if job.bits == FP_BITS:
-            source = _fp_source(job, config.model_type, linears)
-        elif job.scheme == "rtn":
-            source = _rtn_source(job, config.model_type, linears)
-        else:
-            source = _gptq_source(job, config.model_type, linears, Path(work), shape.max_positions, shape.num_layers)
-        for index in tqdm(range(shape.num_layers), desc=f"{job.scheme}-w{job.bits} layers", disable=not progress):
-            tensors, header, seconds = source(index)
+    with staged_dir(job.out_dir) as stage:
+
+        def write(index: int, tensors: dict[str, torch.Tensor], header: LayerHeader, seconds: float) -> Path:
             path = layer_file(stage, index)
             weight_bytes = write_layer_file(path, tensors, header)
             error = 0.0 if job.bits == FP_BITS else weight_rel_error(
                 config, path, index, layer_tensors(job.model_dir, config.model_type, index), linears)
             rows.append(ManifestRow(index, job.bits, job.scheme, job.group_size if job.bits < FP_BITS else -1,
                                     path.name, weight_bytes, path.stat().st_size, sha256_file(path), error, seconds))
+            return path
+
+        if job.bits == FP_BITS or job.scheme == "rtn":
+            source = (_fp_source if job.bits == FP_BITS else _rtn_source)(job, config.model_type, linears)
+            for index in tqdm(range(shape.num_layers), desc=f"{job.scheme}-w{job.bits} layers", disable=not progress):
+                write(index, *source(index))
+        else:
+            _gptq_layers(job, config.model_type, linears, shape.max_positions, write, device, progress)
         total = time.perf_counter() - start
-        meta = provenance(config_hash(job.slice()), device="cpu", job=job.slice(),
+        meta = provenance(config_hash(job.slice()), device=device, job=job.slice(),
                           total_seconds=f"{total:.3f}")
         write_manifest(stage, rows, meta)
     return QuantizeReport(job.out_dir, tuple(rows), time.perf_counter() - start)
@@ -170,7 +178,7 @@ def quantize_store(job: QuantizeJob, progress: bool = True) -> QuantizeReport:
 def job_from_experiment(exp: Any, bits: int, results: Path, out: Path | None = None) -> QuantizeJob:
     """The quantize job of an experiment's model at `bits` (the model's `source` must hold weights)."""
     model = exp.model
-    weights = source_dir(model)
+    weights = source_dir(model, results=results)
     if weights is None:
         raise FileNotFoundError(f"model {model.name}: source {model.source!r} is not a local directory with weights")
     return QuantizeJob(
@@ -185,7 +193,7 @@ def cli_quantize(exp: Any, args: Any) -> int:
     if args.bits is None:
         raise ValueError(f"quantize needs bits=B (the model's bit-widths: {list(exp.model.bits)})")
     job = job_from_experiment(exp, args.bits, args.results, args.out)
-    report = quantize_store(job)
+    report = quantize_store(job, device=quality_device(exp))
     errors = ", ".join(f"{r.weight_rel_error:.2e}" for r in report.rows)
     print(f"{job.out_dir}: {len(report.rows)} layers, {job.scheme} {job.bits}-bit, {report.seconds:.1f} s; "
           f"weight relative error per layer: {errors}")

@@ -320,11 +320,11 @@ def deploy(exp: Experiment, plan_path: str | Path, out: str | Path, options: Dep
     exp = planning_experiment(exp)[0]
     out, plan_path = Path(out), Path(plan_path)
     plan = read_plan(plan_path)
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory "
                                 "with weights")
-    shape = shape_from_config(hf_config_dict(exp.model))
+    shape = shape_from_config(hf_config_dict(exp.model, results=results))
     check_plan(exp, plan, shape.num_layers, shape.max_positions, str(plan_path))
     specs = stage_specs(exp, plan, shape, Path(results))
     check_caps(specs)

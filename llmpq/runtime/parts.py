@@ -7,20 +7,20 @@ safetensors checkpoint. Where the head is tied to the token embedding and the st
 embedding, the matrix is read (and stored) again. The model's skeleton is built on the `meta` device with
 no decoder layers, so nothing is allocated twice.
 
-Per family: how ids become hidden states, which keyword arguments a decoder layer needs (positions,
-rotary cos/sin, ALiBi bias and mask) and which modules make the head.
+Per family (the registry's position kind): how ids become hidden states, which keyword arguments a
+decoder layer needs (positions, rotary cos/sin, ALiBi bias and mask) and which modules make the head.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..models.families import Family, family
 from ..models.shape import decoder_layers, shape_from_config
 from ..quantize.checkpoint import read_tensors
 from ..config.kernels import DENSE_KERNEL
@@ -31,31 +31,9 @@ from .kvcache import CacheView
 from .rows import RaggedView, RowTensors
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where a family's embedding and head modules live in its HF causal LM, and how its layers are called."""
-
-    embed: tuple[str, ...]          # the token embedding first, then the other embedding modules
-    head: tuple[str, ...]           # applied in order to the last position; the LM head last
-    kind: str                       # opt (learned positions) | rotary (cos/sin per step) | alibi (bias + mask)
-    rotary: str | None = None
-
-
-FAMILIES: Mapping[str, Family] = {
-    "opt": Family(("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-                  ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"), "opt"),
-    "bloom": Family(("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
-                    ("transformer.ln_f", "lm_head"), "alibi"),
-    **{name: Family(("model.embed_tokens",), ("model.norm", "lm_head"), "rotary", "model.rotary_emb")
-       for name in ("llama", "mistral", "qwen2")},
-}
-
-
 def family_of(config: Any) -> Family:
-    """The `Family` of a HF config; ValueError naming the supported ones otherwise."""
-    if config.model_type not in FAMILIES:
-        raise ValueError(f"deploy does not support model_type {config.model_type!r} (supported: {', '.join(FAMILIES)})")
-    return FAMILIES[config.model_type]
+    """The registry `Family` of a HF config; UnknownFamilyError (a ValueError) naming the known ones otherwise."""
+    return family(config.model_type)
 
 
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -121,7 +99,7 @@ class StageModel:
         self.config, self.family = config, family_of(config)
         self.start, self.layers, self.ends, self.rotary = start, list(layers), dict(ends), rotary
         self.device, self.dtype, self.first, self.last = device, dtype, first, last
-        self.cache_keyword = _cache_keyword(self.layers[0])
+        self.cache_keyword = _cache_keyword(self.layers[0]) if self.layers else ""
         self.heads = config.num_attention_heads
         self.scratch = scratch  # ExLlama's scratch, kept alive with the layers that point into it
 
@@ -144,14 +122,14 @@ class StageModel:
         """Hidden states [b, q, hidden] of token ids [b, q] at positions pos .. pos + q − 1, or at per-row
         `positions` [b, q] (first stage)."""
         x = self.ends[self.family.embed[0]](ids)
-        if self.family.kind == "opt":
+        if self.family.position == "learned":
             project_in = self.ends.get("model.decoder.project_in")
             if project_in is not None:
                 x = project_in(x)
             if positions is None:
                 positions = self._positions(ids.shape[0], ids.shape[1], pos)
             x = x + self.ends["model.decoder.embed_positions"](None, position_ids=positions)
-        elif self.family.kind == "alibi":
+        elif self.family.position == "alibi":
             x = self.ends["transformer.word_embeddings_layernorm"](x)
         return x
 
@@ -161,7 +139,7 @@ class StageModel:
     def _layer_kwargs(self, hidden: torch.Tensor, pos: int) -> dict[str, Any]:
         batch, q = hidden.shape[:2]
         positions = self._positions(batch, q, pos)
-        if self.family.kind == "alibi":
+        if self.family.position == "alibi":
             from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
             end = pos + q
@@ -251,9 +229,7 @@ def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start
     """
     from transformers import AutoConfig
 
-    model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
-    family = family_of(config)
     kernels = dict(kernels or {})
     scratch = _exllama_scratch(config, device) if "exllama" in {kernels.get(int(b)) for b in bits} else None
     manifests = dict(manifests or {})
@@ -264,15 +240,24 @@ def load_stage(model_dir: str | Path, quant_root: str | Path, scheme: str, start
             manifests[b] = read_manifest(store)
         layers.append(load_quantized_layer(config, store, index, device, dtype, verify, manifests.get(b), kernels,
                                            scratch))
+    ends, rotary = load_ends(model_dir, config, first=first, last=last, device=device, dtype=dtype)
+    return StageModel(config, start, layers, ends, rotary, device, dtype, first, last, scratch)
+
+
+def load_ends(model_dir: str | Path, config: Any, *, first: bool, last: bool, device: torch.device,
+              dtype: torch.dtype) -> tuple[dict[str, torch.nn.Module], torch.nn.Module | None]:
+    """The embedding modules (if `first`) and head modules (if `last`) read from the checkpoint, and the
+    rotary-embedding module of a rotary family (else None)."""
+    family = family_of(config)
     skeleton = _skeleton(config)
     paths = (family.embed if first else ()) + (family.head if last else ())
-    ends = _load_ends(model_dir, skeleton, paths, family, bool(getattr(config, "tie_word_embeddings", False)),
+    ends = _load_ends(Path(model_dir), skeleton, paths, family, bool(getattr(config, "tie_word_embeddings", False)),
                       device, dtype)
     rotary = None
     if family.rotary is not None:
         rotary = type(_submodule(skeleton, family.rotary))(config=config).to(device)
     del skeleton
-    return StageModel(config, start, layers, ends, rotary, device, dtype, first, last, scratch)
+    return ends, rotary
 
 
 def _exllama_scratch(config: Any, device: torch.device) -> ExllamaScratch:

@@ -77,6 +77,12 @@ class PplMap:
         }
 
 
+def configured_indicator(exp: Any) -> str:
+    """The planner's indicator: the model config's `indicator`, else `sensitivity.indicator` (default
+    output_error)."""
+    return str(exp.model.indicator or (exp.raw.get("sensitivity") or {}).get("indicator") or DEFAULT_INDICATOR)
+
+
 def _isotonic(ys: Sequence[float], weights: Sequence[float]) -> list[float]:
     """Pool-adjacent-violators: the nondecreasing sequence closest to `ys` in weighted least squares."""
     blocks: list[list[float]] = []  # [mean, weight, count]
@@ -139,38 +145,32 @@ def random_assignments(num_layers: int, bits: Sequence[int], count: int, seed: i
     return out
 
 
-def measure_plans(bank: Any, token_ids: Any, eval_spec: Any, plans: Sequence[Sequence[int]],
-                  progress: bool = True) -> list[float]:
-    """Perplexity of each per-layer bit assignment, with the real quantized layers of `bank`."""
-    from ..evaluate.perplexity import perplexity
-
-    return [perplexity(bank.assemble(plan), token_ids, eval_spec.window, eval_spec.stride,
-                       eval_spec.max_windows).perplexity
-            for plan in tqdm(plans, desc="ppl of assignments", disable=not progress)]
+def measure_plans(evaluator: Any, plans: Sequence[Sequence[int]], progress: bool = True) -> list[float]:
+    """Perplexity of each per-layer bit assignment with the real quantized layers (a `StoreEvaluator`)."""
+    return [evaluator.plan(plan).perplexity for plan in tqdm(plans, desc="ppl of assignments", disable=not progress)]
 
 
 def cli_ppl_map(exp: Any, args: Any) -> int:
     """`llmpq ppl-map model=M [indicator=NAME] [out=PATH]`: measure assignments and fit the map."""
-    from ..evaluate.perplexity import EvalSpec, eval_token_ids
+    from ..evaluate.perplexity import EvalSpec, StoreEvaluator
     from ..models.source import model_dir
     from ..paths import ppl_map_path, quant_root, sensitivity_path
-    from ..quantize.bank import LayerBank
+    from ..quantize.calibration import quality_device
     from .table import omega_sum, read_omega
 
-    weights = model_dir(exp.model)
+    weights = model_dir(exp.model, results=args.results)
     if weights is None:
         raise FileNotFoundError(f"model {exp.model.name}: source {exp.model.source!r} is not a local directory with weights")
-    indicator = args.indicator or DEFAULT_INDICATOR
+    indicator = args.indicator or configured_indicator(exp)
     omega = read_omega(sensitivity_path(args.results, exp.model.name), indicator)
-    scheme = exp.model.quant.scheme
-    bank = LayerBank(weights, quant_root(args.results, exp.model.name), scheme)
     spec = EvalSpec.from_raw(exp.raw["eval"])
-    ids = eval_token_ids(weights, spec)
-    n = bank.num_layers
+    evaluator = StoreEvaluator(weights, spec, quant_root(args.results, exp.model.name), exp.model.quant.scheme,
+                               device=quality_device(exp))
+    n = evaluator.num_layers
     plans = [tuple([b] * n) for b in sorted(exp.model.bits, reverse=True)]
     plans += random_assignments(n, exp.model.bits, DEFAULT_POINTS)
-    ppl = measure_plans(bank, ids, spec, plans)
-    base = ppl[0] if plans[0] == tuple([16] * n) else measure_plans(bank, ids, spec, [tuple([16] * n)], False)[0]
+    ppl = measure_plans(evaluator, plans)
+    base = ppl[0] if plans[0] == tuple([16] * n) else measure_plans(evaluator, [tuple([16] * n)], False)[0]
     records = [{"bits": list(p), "perplexity": v, "omega_sum": omega_sum(omega, p),
                 "ppl_increase_pct": 100.0 * (v / base - 1.0)} for p, v in zip(plans, ppl)]
     fitted = fit_ppl_map([(r["omega_sum"], r["ppl_increase_pct"]) for r in records], exp.model.name, indicator)

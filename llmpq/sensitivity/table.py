@@ -7,6 +7,9 @@ from typing import Mapping, Sequence
 
 from ..artifacts import read_table
 
+INDICATORS = ("variance", "output_error", "kl", "loss_delta", "bits_only")   # see `indicators.py`
+END_TO_END = ("kl", "loss_delta")       # indicators that run the rest of the model after the quantized layer
+
 
 def read_omega(path: str | Path, indicator: str) -> dict[tuple[int, int], float]:
     """ω[(layer, bits)] of one indicator from a sensitivity table; ValueError naming the file if absent."""

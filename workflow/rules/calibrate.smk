@@ -8,9 +8,16 @@ rule calibrate:
     params:
         cli=llmpq("calibrate"),
         calibration=config["calibration"],
+        sensitivity=lambda wc: sensitivity_slice(wc.model),
         bits=lambda wc: model_slice(wc.model)["bits"],
+    resources:
+        mem_mb=lambda wc, input: quality_resources(wc.model, "calibrate")["mem_mb"],
+        runtime=lambda wc, input: quality_resources(wc.model, "calibrate")["runtime"],
+        gpu=lambda wc, input: quality_resources(wc.model, "calibrate")["gpu"],
     log:
         "logs/calibrate/{model}.log",
+    benchmark:
+        "logs/benchmarks/calibrate/{model}.tsv"
     conda:
         "../../envs/llmpq.yaml"
     shell:
@@ -22,13 +29,22 @@ rule ppl_map:
     input:
         sensitivity=str(paths.sensitivity_path(RESULTS, "{model}")),
         manifests=lambda wc: quant_manifests(wc.model),
+        weights=lambda wc: model_weights(wc.model),
     output:
         str(paths.ppl_map_path(RESULTS, "{model}")),
     params:
         cli=llmpq("ppl-map"),
         eval=config["eval"],
+        sensitivity=lambda wc: sensitivity_slice(wc.model),
+        device=config["calibration"]["device"],
+    resources:
+        mem_mb=lambda wc, input: quality_resources(wc.model, "ppl_map")["mem_mb"],
+        runtime=lambda wc, input: quality_resources(wc.model, "ppl_map")["runtime"],
+        gpu=lambda wc, input: quality_resources(wc.model, "ppl_map")["gpu"],
     log:
         "logs/ppl_map/{model}.log",
+    benchmark:
+        "logs/benchmarks/ppl_map/{model}.tsv"
     conda:
         "../../envs/llmpq.yaml"
     shell:

@@ -1,5 +1,7 @@
 """Config composition and SLURM requests for the rules (imports llmpq.config, llmpq.slurm and the plan reader: no torch, so dry runs stay fast)."""
 
+import errno
+import json
 import os
 import shlex
 import sys
@@ -18,6 +20,10 @@ from llmpq.slurm.resources import SlurmOptions
 from llmpq.slurm.script import job_name
 from llmpq.slurm.site import SiteSettings
 from llmpq.solve.plan import read_plan
+from llmpq.models.resources import calibrate_resources, import_resources, perplexity_resources, quantize_resources
+from llmpq.models.source import is_import_source, model_shape
+from llmpq.sensitivity.ppl_map import DEFAULT_POINTS
+from llmpq.sensitivity.table import END_TO_END
 
 RESULTS = Path(config.get("results_dir", "results"))
 CONFIG_DIR = config.get("config_dir")
@@ -26,6 +32,7 @@ if CONFIG_DIR:
     # command line: only the content of the configs a rule reads (its params) decides whether it reruns.
     os.environ[CONFIG_DIR_ENV] = str(Path(CONFIG_DIR).resolve())
 _COMPOSED = {}
+IMPORT_DEFAULT_MB = 16000      # import_model of a model whose shape is unknown before import
 
 
 def experiment(model, cluster, workload="", solver=""):
@@ -48,19 +55,33 @@ def config_or_exit(compose, *args, **kwargs):
         raise SystemExit(2) from None
 
 
+def experiment_entries():
+    """`experiments:` of the config, or the named set of `experiment_sets:` (`--config experiments=real`)."""
+    entries = config.get("experiments", [])
+    if isinstance(entries, str):
+        sets = config.get("experiment_sets") or {}
+        if entries not in sets:
+            print(f"llmpq workflow: config error: experiments={entries}: no such set under experiment_sets in "
+                  f"conf/config.yaml (known: {', '.join(sorted(sets))})", file=sys.stderr)
+            raise SystemExit(2)
+        entries = sets[entries]
+    return entries
+
+
 def experiments():
     """Every (model, cluster, workload, solver) that `rule all` builds."""
     out = []
-    for entry in config.get("experiments", []):
+    for entry in experiment_entries():
         for solver in entry["solvers"]:
             out.append((entry["model"], entry["cluster"], entry["workload"], solver))
     return out
 
 
 def has_weights(model):
-    """A model whose weights are built here or found in a local directory can be quantized and deployed."""
+    """A model whose weights are built or imported here, or found in a local directory, can be quantized and
+    deployed."""
     spec = experiment(model, "local-cpu").model
-    return model == "tiny-opt" or (Path(spec.source) / "config.json").is_file()
+    return model == "tiny-opt" or is_import_source(spec.source) or (Path(spec.source) / "config.json").is_file()
 
 
 def model_slice(model):
@@ -106,11 +127,58 @@ def model_of_cluster(cluster):
     return experiment("tiny-opt", cluster).cluster.model or "tiny-opt"
 
 
+def sensitivity_slice(model):
+    """What calibrate and ppl_map depend on beyond the text: the model's planner indicator (its config's
+    `indicator`, else sensitivity.indicator) and the end-to-end sample count."""
+    sensitivity = dict(config.get("sensitivity") or {})
+    sensitivity["indicator"] = experiment(model, "local-cpu").model.indicator or sensitivity.get("indicator")
+    return sensitivity
+
+
 def model_weights(model):
-    """Input that stands for the model's weights (the tiny model is built by a rule)."""
+    """Input that stands for the model's weights (the tiny model is built by a rule, a GGUF source imported)."""
     if model == "tiny-opt":
         return str(paths.tiny_model_dir(RESULTS) / "config.json")
+    if is_import_source(experiment(model, "local-cpu").model.source):
+        return str(paths.imported_model_dir(RESULTS, model) / "config.json")
     return []
+
+
+def import_request(model):
+    """`resources:` of import_model: from the shape the model config gives before import, else a default."""
+    try:
+        return asdict(import_resources(model_shape(experiment(model, "local-cpu").model, results=RESULTS)))
+    except ConfigError:
+        return {"mem_mb": IMPORT_DEFAULT_MB, "runtime": 60}
+
+
+@lru_cache(maxsize=None)
+def quality_resources(model, stage):
+    """`resources:` of a heavy rule (quantize, calibrate, ppl_map, evaluate) from the model's shape (its
+    weights exist when the job starts: the rules pass `input`, so Snakemake asks only then) and the
+    calibration / eval settings (`llmpq.models.resources`); a GPU where calibration.device is cuda."""
+    spec = experiment(model, "local-cpu").model
+    try:
+        shape = model_shape(spec, results=RESULTS)
+    except ConfigError as exc:  # weights not built yet: Snakemake shows <TBD> and asks again when they are
+        raise FileNotFoundError(errno.ENOENT, str(exc), model_weights(model)) from None
+    calibration, evaluation = config["calibration"], config["eval"]
+    gpu = calibration.get("device") == "cuda"
+    windows = evaluation.get("max_windows") or 1000
+    if stage == "quantize":
+        found = quantize_resources(shape, calibration["samples"], calibration["seq_len"], gpu)
+    elif stage == "calibrate":
+        sensitivity = sensitivity_slice(model)
+        end_to_end = sensitivity["indicator"] in END_TO_END
+        samples = sensitivity["end_to_end_samples"] if end_to_end else None
+        found = calibrate_resources(shape, calibration["samples"], calibration["seq_len"],
+                                    sum(1 for b in spec.bits if b < 16), end_to_end, gpu, samples)
+    elif stage == "ppl_map":
+        found = perplexity_resources(shape, windows, evaluation["window"], len(spec.bits) + DEFAULT_POINTS, gpu)
+    else:
+        solvers = max(1, sum(1 for m, *_ in experiments() if m == model))
+        found = perplexity_resources(shape, windows, evaluation["window"], solvers, gpu)
+    return asdict(found)
 
 
 def present_devices(cluster):

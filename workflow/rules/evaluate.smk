@@ -11,6 +11,7 @@ rule evaluate:
     """Compare every method's plan and run: measured vs predicted, perplexity, memory; plots."""
     input:
         profiles=lambda wc: profiles_for(wc.model, wc.cluster),
+        weights=lambda wc: model_weights(wc.model),
         plans=lambda wc: [str(paths.plan_path(RESULTS, wc.model, wc.cluster, wc.workload, s))
                           for s in solvers_of(wc.model, wc.cluster, wc.workload)],
         runs=lambda wc: [str(paths.run_path(RESULTS, wc.model, wc.cluster, wc.workload, s))
@@ -33,8 +34,15 @@ rule evaluate:
     params:
         cli=llmpq("evaluate"),
         eval=config["eval"],
+        device=config["calibration"]["device"],
+    resources:
+        mem_mb=lambda wc, input: quality_resources(wc.model, "evaluate")["mem_mb"],
+        runtime=lambda wc, input: quality_resources(wc.model, "evaluate")["runtime"],
+        gpu=lambda wc, input: quality_resources(wc.model, "evaluate")["gpu"],
     log:
         "logs/evaluate/{model}/{cluster}/{workload}.log",
+    benchmark:
+        "logs/benchmarks/evaluate/{model}/{cluster}/{workload}.tsv"
     conda:
         "../../envs/llmpq.yaml"
     shell:

@@ -41,6 +41,8 @@ rule profile_links:
         measures="idle ping-pong and busy exchange per payload",  # what the table holds
     log:
         "logs/profile_links/{cluster}.log",
+    benchmark:
+        "logs/benchmarks/profile_links/{cluster}.tsv"
     threads: workflow.cores
     conda:
         lambda wc: cluster_env(model_of_cluster(wc.cluster), wc.cluster)

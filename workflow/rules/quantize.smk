@@ -10,6 +10,10 @@ rule quantize:
         calibration=config["calibration"],
     wildcard_constraints:
         bits=r"\d+",
+    resources:
+        mem_mb=lambda wc, input: quality_resources(wc.model, "quantize")["mem_mb"],
+        runtime=lambda wc, input: quality_resources(wc.model, "quantize")["runtime"],
+        gpu=lambda wc, input: quality_resources(wc.model, "quantize")["gpu"],
     log:
         "logs/quantize/{model}/{scheme}-w{bits}.log",
     benchmark:
