@@ -81,7 +81,7 @@ def finished_workflow(tmp_path_factory, tiny_opt_dir) -> Path:
     from workflow_support import make_workdir, snakemake
 
     workdir = make_workdir(tmp_path_factory.mktemp("workflow"), tiny_opt_dir)
-    snakemake(workdir, "--cores", "2")
+    (workdir / "console.txt").write_text(snakemake(workdir, "--cores", "2"))
     return workdir
 
 

@@ -8,6 +8,8 @@ the file. The same finished run is the local reference of the SLURM test.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from workflow_support import CLUSTER, SOLVERS, WORKLOAD, edited, planned_jobs, snakemake
@@ -24,6 +26,17 @@ def test_finished_workflow_has_every_artifact(finished_workflow):
     assert (figures.with_suffix(".parquet")).is_file()
     assert {"plan.png", "throughput.png", "fidelity.png", "quality.png", "summary.md"} <= {p.name for p in figures.iterdir()}
     assert not (finished_workflow / "logs" / "tiny_model.log").exists(), "the workflow tests trained tiny-opt again"
+
+
+def test_long_jobs_show_progress_in_the_snakemake_console(finished_workflow):
+    """Each long job writes start, periodic and end lines where Snakemake prints (not only into its log)."""
+    console = (finished_workflow / "console.txt").read_text()
+    for start in ("llmpq quantize tiny-opt gptq-w4: 0/4 layers", "llmpq calibrate tiny-opt", "llmpq profile tiny-opt on",
+                  "llmpq deploy llmpq (tiny-opt on", "llmpq evaluate tiny-opt on"):
+        assert start in console, start
+    assert re.search(r"llmpq quantize tiny-opt gptq-w4: done, 4 layers in \d+:\d\d:\d\d", console)
+    log = (finished_workflow / "logs" / "quantize" / "tiny-opt" / "gptq-w4.log").read_text()
+    assert "llmpq quantize" not in log  # the console lines are not in the log (its tqdm bar is)
 
 
 def test_noop_rerun_runs_nothing(finished_workflow):

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..artifacts import write_text
+from ..progress import bar
 from ..quantize.loader import store_name
 from ..quantize.store import read_manifest
 from ..quantize.stream import LayerStream
@@ -98,7 +98,7 @@ def perplexity(model: torch.nn.Module, token_ids: Sequence[int] | torch.Tensor, 
     model.eval()
     total, scored = 0.0, 0
     try:
-        for first in tqdm(range(0, len(windows), batch), desc="perplexity", disable=not progress):
+        for first in bar(range(0, len(windows), batch), desc="perplexity", unit="batches", disable=not progress):
             group = list(enumerate(windows[first : first + batch], start=first))
             for length in sorted({w.end - w.start for _, w in group}, reverse=True):
                 same = [(i, w) for i, w in group if w.end - w.start == length]

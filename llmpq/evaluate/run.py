@@ -28,6 +28,7 @@ from .. import paths
 from ..artifacts import provenance, read_table, write_table, write_text
 from ..generate.outputs import runs_path
 from ..profile.load import LOADED_FACTOR, busy_machine, is_loaded
+from ..progress import bar as console_bar
 from ..solve.methods import is_baseline
 from ..solve.plan import is_infeasible
 from . import plots
@@ -282,9 +283,9 @@ def cli_evaluate(exp, args) -> int:
     token_ids = eval_token_ids(weights, spec)
     ppl_of: dict[tuple, float] = {}
     plans, results, stage_rows = {}, [], []
-    for plan_file in sorted(plan_dir.glob("*.json")):
-        if plan_file.name.endswith(".meta.json"):
-            continue
+    plan_files = sorted(p for p in plan_dir.glob("*.json") if not p.name.endswith(".meta.json"))
+    for plan_file in console_bar(plan_files, desc=f"evaluate {model} on {cluster}, {workload}", unit="methods",
+                                 disable=True):
         method = plan_file.stem
         plan = json.loads(plan_file.read_text())
         if is_infeasible(plan):

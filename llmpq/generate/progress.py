@@ -1,7 +1,8 @@
 """Progress of a batch job on the first stage's terminal: prompts done / N, tokens/s and time left.
 
 On a terminal, a bar (tqdm) redrawn in place; in a log file, one line every `interval_s` seconds and at
-the end, so that a SLURM log shows progress without carriage returns.
+the end, so that a SLURM log shows progress without carriage returns. Where a rule asked for console lines
+(`llmpq.progress`), they go there too.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from typing import TextIO
 
 from tqdm.auto import tqdm
 
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+from ..progress import bar as console_bar
+from ..progress import clock as _clock
 
 
 class Progress:
@@ -32,6 +31,8 @@ class Progress:
         self.bar = tqdm(total=total, initial=done, unit="prompt", file=self.stream, dynamic_ncols=True,
                         desc="generate") if tty else None
         self.started_with = done
+        self.console = console_bar(total=total, initial=done, desc="generate", unit="prompts",
+                                   disable=True) if enabled else None
 
     def tokens_per_s(self) -> float:
         elapsed = time.perf_counter() - self.start
@@ -52,6 +53,8 @@ class Progress:
         self.tokens += tokens
         if not self.enabled or not prompts:
             return
+        if self.console is not None:
+            self.console.update(prompts)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.tokens_per_s():.1f} tok/s", refresh=False)
             self.bar.update(prompts)
@@ -62,6 +65,8 @@ class Progress:
             print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self.console is not None:
+            self.console.close()
         if self.bar is not None:
             self.bar.close()
         elif self.enabled:

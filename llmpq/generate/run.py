@@ -35,6 +35,7 @@ from ..config import Experiment
 from ..data.prompts import PromptsError, TokenizedPrompt
 from ..models.shape import shape_from_config
 from ..models.source import hf_config_dict, model_dir
+from ..progress import bar as console_bar
 from ..runtime.batcher import MODES
 from ..runtime.caps import StageRefusal, check_caps
 from ..runtime.genstage import GenerateJob, GenerateReport, run_generate_stage
@@ -165,12 +166,37 @@ def _append_row(path: Path, row: dict[str, Any], meta: dict[str, str]) -> None:
     write_table("generate_runs", rows + [row], path, meta)
 
 
+class PartialWatch:
+    """Console progress of a batch job whose stages run as other processes: the completions (one line each) its
+    first stage has written to the partial file so far (`llmpq.progress`)."""
+
+    def __init__(self, job: GenerateJob):
+        self.path, self.seen = Path(job.partial), job.done_before
+        self.bar = console_bar(total=job.total, initial=job.done_before, desc="generate", unit="prompts", disable=True)
+
+    def __call__(self) -> None:
+        if self.path.is_file():
+            with self.path.open("rb") as f:
+                lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            if lines > self.seen:
+                self.bar.update(lines - self.seen)
+                self.seen = lines
+
+    def close(self) -> None:
+        self()
+        self.bar.close()
+
+
 def _launch(job: GenerateJob, mode: str) -> list[GenerateReport]:
     if mode == "inprocess":
         return [run_generate_stage(job, Placement(0, 1, 0), init_dist=False)]
     world = len(job.stages)
     cmd, env = launch_command(mode, world, job.write(Path(job.workdir) / "job.json"), os.environ, GENERATE_MODULE)
-    code = _run(cmd, env)
+    watch = PartialWatch(job)
+    try:
+        code = _run(cmd, env, watch)
+    finally:
+        watch.close()
     if code != 0:
         raise DeployError(f"{mode} exited with code {code}: a stage failed (see the stage errors above)")
     missing = [r for r in range(world) if not job.report_path(r).is_file()]

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..artifacts import staged_dir
 from ..config import ConfigError, ModelSpec
 from ..paths import imported_model_dir
+from ..progress import bar as console_bar
 from .shape import shape_from_model
 from .source import GGUF_PREFIX, is_import_source
 
@@ -130,7 +131,9 @@ def cli_import_model(exp: Any, args: Any) -> int:
     gguf = locate_gguf(spec)
     check_real_packages(spec)
     out = Path(args.out) if args.out else imported_model_dir(Path(args.results), spec.name)
-    report = import_gguf(spec, gguf, out)
+    with console_bar(total=1, desc=f"import-model {spec.name} from {gguf.name}", unit="models", disable=True) as bar:
+        report = import_gguf(spec, gguf, out)
+        bar.update(1)
     print(f"{out}: {report.model_type}, {report.parameters:,} parameters from {gguf.name} "
           f"(dequantized to float32), {report.seconds:.1f} s")
     return 0

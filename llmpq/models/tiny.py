@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from llmpq.artifacts import staged_dir
 from llmpq.data.text import encode_split, split_documents
+from llmpq.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from transformers import OPTForCausalLM, PreTrainedTokenizerFast
@@ -212,7 +212,7 @@ def train_model(
     offsets = torch.arange(spec.seq_len)
     model.train()
     recent: list[float] = []
-    bar = tqdm(range(spec.steps), desc="tiny-opt train", disable=not progress, mininterval=2.0)
+    bar = progress_bar(range(spec.steps), desc="tiny-model train", unit="steps", disable=not progress, mininterval=2.0)
     for step in bar:
         starts = torch.randint(0, len(train_ids) - spec.seq_len, (spec.batch,), generator=generator)
         batch = train_ids[starts[:, None] + offsets]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from llmpq import paths
 from llmpq.artifacts import provenance, write_table
@@ -40,6 +39,7 @@ from llmpq.costmodel.memory import (
     layer_weight_bytes,
 )
 from llmpq.models.shape import ModelShape, shape_from_config
+from llmpq.progress import bar as progress_bar
 
 from ..config.dtypes import device_dtype
 from ..config.identity import device_mismatch
@@ -162,7 +162,7 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
     total = (len(timed) * len(points) if with_layer else 0) + (len(ends) if with_ends else 0)
     total += (len(corners) + 2 * len(grid.batches)) if overheads else 0
     with torch_threads(device.threads if device.kind == "cpu" else None), \
-            tqdm(total=total, desc=f"profile {model} on {device.stem}", disable=not progress) as bar:
+            progress_bar(total=total, desc=f"profile {model} on {device.stem}", unit="points", disable=not progress) as bar:
         timing = {"warmup": grid.warmup, "repeats": grid.repeats, "min_time_ms": grid.min_time_ms,
                   "max_repeats": grid.max_repeats, "device": dev, "on_done": bar.update}
         parts = build_parts(hf_config, dev, dtype, layer=with_layer, ends=with_ends)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from ..artifacts import provenance, staged_dir
 from ..config import config_hash
 from ..models.shape import shape_from_config
 from ..models.source import model_dir as source_dir
 from ..paths import quant_dir
+from ..progress import bar
 from .calibration import CalibrationSpec, calibration_windows, quality_device
 from .checkpoint import layer_tensors
 from .gptq import QuantizedLayer, gptq_layers
@@ -123,8 +123,8 @@ def _gptq_layers(job: QuantizeJob, model_type: str, linears: tuple[str, ...], ma
         path = write(result.index, tensors, header, result.seconds)
         return stream.stored_layer(path, result.index, verify=False)
 
-    for _ in tqdm(gptq_layers(stream, windows, q, rebuild), total=stream.num_layers,
-                  desc=f"{job.scheme}-w{job.bits} layers", disable=not progress):
+    for _ in bar(gptq_layers(stream, windows, q, rebuild), total=stream.num_layers, unit="layers",
+                 desc=f"quantize {job.model_name} {job.scheme}-w{job.bits}", disable=not progress):
         pass
 
 
@@ -164,7 +164,8 @@ def quantize_store(job: QuantizeJob, progress: bool = True, device: str = "cpu")
 
         if job.bits == FP_BITS or job.scheme == "rtn":
             source = (_fp_source if job.bits == FP_BITS else _rtn_source)(job, config.model_type, linears)
-            for index in tqdm(range(shape.num_layers), desc=f"{job.scheme}-w{job.bits} layers", disable=not progress):
+            for index in bar(range(shape.num_layers), desc=f"quantize {job.model_name} {job.scheme}-w{job.bits}",
+                             unit="layers", disable=not progress):
                 write(index, *source(index))
         else:
             _gptq_layers(job, config.model_type, linears, shape.max_positions, write, device, progress)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .. import paths
 from ..artifacts import provenance, read_meta, write_table
@@ -41,6 +41,8 @@ from ..slurm.hetjob import SlurmJob
 from ..slurm.rendezvous import first_slurm_node, free_port
 from ..slurm.submit import SubmitError
 from ..profile.load import is_loaded, load_average
+from ..progress import PROGRESS_FD_ENV
+from ..progress import bar as console_bar
 from ..solve.plan import Plan, read_plan
 from ..solve.skip import infeasible_record, write_skipped
 from .caps import DeviceMismatch, StageRefusal, check_caps, planned_memory
@@ -246,10 +248,18 @@ def launch_command(mode: str, world: int, job_path: Path, env: Mapping[str, str]
     raise ValueError(f"unknown launch mode {mode!r}")
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> int:
-    proc = subprocess.Popen(cmd, env=env)
+def _run(cmd: list[str], env: dict[str, str], watch: Callable[[], None] | None = None, every_s: float = 5.0) -> int:
+    """Run the stage launcher `cmd` to its end; `watch()` every `every_s` seconds meanwhile. The launcher's
+    children do not get this process's console descriptor (`llmpq.progress`): torchrun closes it, and a number
+    left in the environment could name another file there."""
+    child = {k: v for k, v in env.items() if k != PROGRESS_FD_ENV}
+    proc = subprocess.Popen(cmd, env=child)
     try:
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=every_s if watch is not None else None)
+            except subprocess.TimeoutExpired:
+                watch()
     except BaseException:
         proc.terminate()
         try:
@@ -379,7 +389,10 @@ def cli_deploy(exp: Experiment, args: Any) -> int:
         return 0
     options = DeployOptions.from_raw(exp.raw.get("deploy"))
     try:
-        result = deploy(exp, plan_path, out, options, results)
+        with console_bar(total=1, desc=f"deploy {Path(plan_path).stem} ({exp.model.name} on {exp.cluster.name})",
+                         unit="plans", disable=True) as progress:
+            result = deploy(exp, plan_path, out, options, results)
+            progress.update(1)
     except StageRefusal as exc:
         print(f"llmpq deploy: {exc}", file=sys.stderr)
         return 3

@@ -157,7 +157,7 @@ class StageModel:
     def _row_kwargs(self, hidden: torch.Tensor, rows: RowTensors) -> dict[str, Any]:
         """Layer arguments for rows of different lengths (`llmpq.runtime.rows`): per-row positions and mask."""
         mask = rows.additive_mask(hidden.dtype)
-        if self.family.kind == "alibi":
+        if self.family.position == "alibi":
             from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
             return {"alibi": build_alibi_tensor(rows.key_valid, self.heads, hidden.dtype), "attention_mask": mask}

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from ..artifacts import write_text
+from ..progress import bar
 
 SCHEMA_VERSION = 1
 DEFAULT_INDICATOR = "output_error"
@@ -147,7 +146,8 @@ def random_assignments(num_layers: int, bits: Sequence[int], count: int, seed: i
 
 def measure_plans(evaluator: Any, plans: Sequence[Sequence[int]], progress: bool = True) -> list[float]:
     """Perplexity of each per-layer bit assignment with the real quantized layers (a `StoreEvaluator`)."""
-    return [evaluator.plan(plan).perplexity for plan in tqdm(plans, desc="ppl of assignments", disable=not progress)]
+    return [evaluator.plan(plan).perplexity for plan in bar(plans, desc="ppl_map perplexity of mixed assignments",
+                                                             unit="assignments", disable=not progress)]
 
 
 def cli_ppl_map(exp: Any, args: Any) -> int:

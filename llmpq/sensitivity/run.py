@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..artifacts import provenance, write_table
 from ..config import config_hash
 from ..models.shape import layer_linears
+from ..progress import bar
 from ..quantize.calibration import CalibrationSpec, calibration_windows, quality_device
 from ..quantize.loader import store_name
 from ..quantize.settings import FP_BITS
@@ -124,7 +124,8 @@ def calibrate(job: CalibrateJob, progress: bool = True, device: str = "cpu") -> 
         stores[bits] = _Store(path, read_manifest(path))
     rows = [SensitivityRow(i, FP_BITS, name, 0.0) for i in range(stream.num_layers) for name in job.indicators
             ] if FP_BITS in job.bits else []
-    for index in tqdm(range(stream.num_layers), desc="indicators", disable=not progress):
+    for index in bar(range(stream.num_layers), desc=f"calibrate {job.model_name} ({', '.join(job.indicators)})",
+                     unit="layers", disable=not progress):
         layer = stream.fp_layer(index)
         moments: dict[str, RunningMoments] = {}
         hooks = _moment_hooks(layer, moments) if "variance" in job.indicators else []

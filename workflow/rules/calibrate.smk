@@ -21,7 +21,7 @@ rule calibrate:
     conda:
         "../../envs/llmpq.yaml"
     shell:
-        "{params.cli} model={wildcards.model} out={output} > {log} 2>&1"
+        "{params.cli} model={wildcards.model} out={output} 3>&2 > {log} 2>&1"
 
 
 rule ppl_map:
@@ -48,4 +48,4 @@ rule ppl_map:
     conda:
         "../../envs/llmpq.yaml"
     shell:
-        "{params.cli} model={wildcards.model} out={output} > {log} 2>&1"
+        "{params.cli} model={wildcards.model} out={output} 3>&2 > {log} 2>&1"

@@ -22,6 +22,7 @@ from llmpq.slurm.site import SiteSettings
 from llmpq.solve.plan import read_plan
 from llmpq.models.resources import calibrate_resources, import_resources, perplexity_resources, quantize_resources
 from llmpq.models.source import is_import_source, model_shape
+from llmpq.progress import PROGRESS_FD_ENV
 from llmpq.sensitivity.ppl_map import DEFAULT_POINTS
 from llmpq.sensitivity.table import END_TO_END
 
@@ -329,5 +330,6 @@ def cluster_env(model, cluster):
 
 
 def llmpq(verb):
-    """The command line of one verb, with the workflow's config dir and results dir."""
-    return f"llmpq {verb} results={shlex.quote(str(RESULTS))}"
+    """The command line of one verb, with the workflow's results dir; its progress lines go to descriptor 3, which
+    each rule's shell keeps open on the console (`3>&2` before the log redirection; `llmpq.progress`)."""
+    return f"{PROGRESS_FD_ENV}=3 llmpq {verb} results={shlex.quote(str(RESULTS))}"

@@ -29,4 +29,4 @@ rule deploy:
         lambda wc: cluster_env(wc.model, wc.cluster)
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "deploy.launcher={resources.launcher} plan={input.plan} out={output} > {log} 2>&1"
+        "deploy.launcher={resources.launcher} plan={input.plan} out={output} 3>&2 > {log} 2>&1"

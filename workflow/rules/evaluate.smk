@@ -47,7 +47,7 @@ rule evaluate:
         "../../envs/llmpq.yaml"
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "out={output.table} > {log} 2>&1"
+        "out={output.table} 3>&2 > {log} 2>&1"
 
 
 rule summary:
@@ -64,4 +64,4 @@ rule summary:
     conda:
         "../../envs/llmpq.yaml"
     shell:
-        "{params.cli} out={output.page} > {log} 2>&1"
+        "{params.cli} out={output.page} 3>&2 > {log} 2>&1"

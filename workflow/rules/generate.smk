@@ -35,4 +35,4 @@ rule generate:
         lambda wc: cluster_env(wc.model, wc.cluster)
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "plan={input.plan} out={output.completions} generate.on_change=restart > {log} 2>&1"
+        "plan={input.plan} out={output.completions} generate.on_change=restart 3>&2 > {log} 2>&1"

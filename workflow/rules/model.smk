@@ -18,7 +18,7 @@ rule import_model:
     conda:
         "../../envs/llmpq.yaml"
     shell:
-        "{params.cli} model={wildcards.model} > {log} 2>&1"
+        "{params.cli} model={wildcards.model} 3>&2 > {log} 2>&1"
 
 
 rule tiny_model:
@@ -37,4 +37,4 @@ rule tiny_model:
     conda:
         "../../envs/llmpq.yaml"
     shell:
-        "{params.cli} out={params.out} > {log} 2>&1"
+        "{params.cli} out={params.out} 3>&2 > {log} 2>&1"

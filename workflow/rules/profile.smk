@@ -28,7 +28,7 @@ rule profile:
     conda:
         lambda wc: device_env(wc.device)
     shell:
-        "{params.cli} device={wildcards.device} model={wildcards.model} out={output} > {log} 2>&1"
+        "{params.cli} device={wildcards.device} model={wildcards.model} out={output} 3>&2 > {log} 2>&1"
 
 
 rule profile_links:
@@ -47,4 +47,4 @@ rule profile_links:
     conda:
         lambda wc: cluster_env(model_of_cluster(wc.cluster), wc.cluster)
     shell:
-        "{params.cli} cluster={wildcards.cluster} out={output} > {log} 2>&1"
+        "{params.cli} cluster={wildcards.cluster} out={output} 3>&2 > {log} 2>&1"

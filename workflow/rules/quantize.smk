@@ -22,4 +22,4 @@ rule quantize:
         "../../envs/llmpq.yaml"
     shell:
         "{params.cli} model={wildcards.model} model.quant.scheme={wildcards.scheme} bits={wildcards.bits} "
-        "> {log} 2>&1"
+        "3>&2 > {log} 2>&1"

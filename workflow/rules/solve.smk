@@ -28,4 +28,4 @@ rule solve:
         "../../envs/llmpq.yaml"
     shell:
         "{params.cli} model={wildcards.model} cluster={wildcards.cluster} workload={wildcards.workload} "
-        "solver={wildcards.solver} out={output.plan} infeasible=record > {log} 2>&1"
+        "solver={wildcards.solver} out={output.plan} infeasible=record 3>&2 > {log} 2>&1"
