@@ -42,9 +42,12 @@ def progress_fd(environ: dict[str, str] | None = None) -> int | None:
 
 
 def progress_line(desc: str, done: int, total: int | None, unit: str, elapsed_s: float) -> str:
-    """`llmpq <desc>: done/total unit (pct%), elapsed, ETA` (without total: the count and the elapsed time)."""
+    """`llmpq <desc>: done/total unit (pct%), elapsed, ETA` (without total: the count and the elapsed time; a
+    step of one: started or done)."""
     if not total:
         return f"llmpq {desc}: {done} {unit}, {clock(elapsed_s)} elapsed"
+    if total == 1:
+        return f"llmpq {desc}: " + ("started" if not done else f"done, {clock(elapsed_s)} elapsed")
     eta = elapsed_s / done * (total - done) if done else None
     left = clock(eta) if eta is not None else "?"
     return (f"llmpq {desc}: {done}/{total} {unit} ({100 * done / total:.0f}%), {clock(elapsed_s)} elapsed, "
@@ -69,8 +72,11 @@ class ConsoleBar(tqdm):
         if self._console is None:
             return
         elapsed = time.monotonic() - self._started
-        line = (f"llmpq {self._label}: done, {self._done} {self._unit} in {clock(elapsed)}" if final else
-                progress_line(self._label, self._done, self._total, self._unit, elapsed))
+        if final:
+            count = "" if self._total == 1 else f", {self._done} {self._unit}"
+            line = f"llmpq {self._label}: done{count} in {clock(elapsed)}"
+        else:
+            line = progress_line(self._label, self._done, self._total, self._unit, elapsed)
         try:
             os.write(self._console, (line + "\n").encode())
         except OSError:

@@ -18,6 +18,7 @@ def test_line_counts_percent_and_eta():
         "llmpq quantize m gptq-w4: 3/4 layers (75%), 0:00:12 elapsed, ETA 0:00:04"
     assert progress_line("x", 0, 4, "layers", 1.0).endswith("ETA ?")
     assert progress_line("x", 7, None, "steps", 3725.0) == "llmpq x: 7 steps, 1:02:05 elapsed"
+    assert progress_line("deploy p", 0, 1, "plans", 0.0) == "llmpq deploy p: started"
     assert clock(-1) == "0:00:00"
 
 
@@ -46,6 +47,15 @@ def test_resumed_work_starts_from_its_initial_count(monkeypatch):
     os.close(w)
     lines = read_lines(r)
     assert lines[0].startswith("llmpq generate: 6/10 prompts") and lines[-1].startswith("llmpq generate: done, 10")
+
+
+def test_a_single_step_says_started_and_done(monkeypatch):
+    r, w = os.pipe()
+    monkeypatch.setenv(PROGRESS_FD_ENV, str(w))
+    with bar(total=1, desc="deploy llmpq", unit="plans", disable=True) as b:
+        b.update(1)
+    os.close(w)
+    assert read_lines(r) == ["llmpq deploy llmpq: started", "llmpq deploy llmpq: done in 0:00:00"]
 
 
 def test_no_variable_or_a_closed_descriptor_writes_nothing(monkeypatch, capfd):

@@ -6,9 +6,12 @@
   the token). Measured as the runtime's one-stage schedule (`StageRunner`, warm-up included) over a one-layer
   stage of the model, per step, minus the same step's parts timed back to back, both medians; clamped at 0.
 - `layer_hot` / `layer_idle` (per phase, at the grid's corners, 16-bit): a layer call right after another
-  call, and right after an idle gap as long as one call, as a pipeline stage makes it after waiting for its
+  call, and right after an idle gap of `IDLE_GAP_MS`, as a pipeline stage makes it after waiting for its
   input (caches and clocks cool while it waits). Their ratio is the cost model's after-idle factor, applied
-  to the layers of every stage of a multi-stage pipeline.
+  to the layers of every stage of a multi-stage pipeline. The gap matters: on this 2-core machine a
+  decoder-layer call is as fast as back to back after a sleep of up to 0.5 ms and 1.5-2.2x slower after
+  1-5 ms, the waits the default two-stage plans' stages actually make (1-2.5 ms per step); a gap as long as
+  one call (the earlier choice) measured about 1.1 and left two-stage predictions 30-70% optimistic.
 
 The cost model reads both from the profile (`llmpq.costmodel.latency.LatencyModel.loop_ms` and `.after_idle`).
 """
@@ -30,7 +33,7 @@ from .timing import (ModelParts, Timing, _summary, _timer, embed_call, head_call
                      one_layer_model)
 
 LOOP_ROUNDS = 5          # decode rounds of the stage-loop measurement (contexts s0 + 1 .. s0 + 4)
-IDLE_GAP_BOUNDS_MS = (0.05, 5.0)
+IDLE_GAP_MS = 2.0       # a pipeline stage's typical wait for its input (module docstring)
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,8 @@ def _parts_chain(parts: ModelParts, batch: int, q: int, context: int, device: to
 
 
 def hot_and_idle(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[Timing, Timing]:
-    """A call right after another (`hot`) and right after an idle gap as long as the last hot call (`idle`),
-    `repeats` pairs, medians (ms)."""
+    """A call right after another (`hot`) and right after an idle gap of `IDLE_GAP_MS` (`idle`), `repeats` pairs,
+    medians (ms)."""
     timer = _timer(device, "wall")
     hot, idle = [], []
     with torch.inference_mode():
@@ -94,7 +97,6 @@ def hot_and_idle(fn: Callable[[], Any], device: torch.device, repeats: int, warm
             fn()
         for _ in range(repeats):
             hot.extend(timer(fn, 1))
-            low, high = IDLE_GAP_BOUNDS_MS
-            time.sleep(min(max(hot[-1], low), high) / 1e3)
+            time.sleep(IDLE_GAP_MS / 1e3)
             idle.extend(timer(fn, 1))
     return _summary(hot), _summary(idle)

@@ -10,7 +10,7 @@ rule profile:
         model=lambda wc: model_slice(wc.model),
         grid=config["profile"],
         kernels=kernel_table(),
-        measures="layer grid, per-step overheads (loop, after-idle), idle reference",  # what the table holds
+        measures="layer grid, per-step overheads (loop, after-idle at a 2 ms gap), idle reference",  # what the table holds
         dtype=lambda wc: experiment(wc.model, "local-cpu").model.dtype,
     wildcard_constraints:
         device=r"(?!links/)[^/]+",
