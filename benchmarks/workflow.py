@@ -60,6 +60,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llmpq-workflow-"))
     try:
         shutil.copytree(ROOT / "conf", workdir / "conf")
+        shutil.copytree(ROOT / "examples", workdir / "examples")  # the default batch job's prompts file
         e2e_s, _ = snakemake(workdir, "--cores", str(args.cores))
         noop_s, text = snakemake(workdir, "-n", "--cores", str(args.cores))
         if "Nothing to be done" not in text:
