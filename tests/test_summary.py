@@ -2,6 +2,8 @@
 
 import copy
 
+import pytest
+
 from llmpq.evaluate.summary import bits_text, partition_text, same_plan, table_html, why_paragraph
 
 
@@ -67,6 +69,17 @@ def test_identical_plans_under_other_names_are_reported_identical():
     assert out["llmpq"].identical_to == "uniform" and out["llmpq"].text == "identical plan to uniform"
     assert out["uniform"].identical_to == "llmpq"
     assert out["pipeedge"].identical_to == "" and out["pipeedge"].text == ""
+
+
+def test_llmpq_configurations_sharing_a_plan_are_still_ranked_against_the_baselines():
+    from llmpq.evaluate.run import compare
+
+    p = plan([[16, 16], [16, 16]], b_p=2)
+    plans = {"llmpq": p, "llmpq-vs-adabits": copy.deepcopy(p), "uniform": plan([[8, 8], [8, 8]])}
+    out = compare([result("llmpq", 5000.0, 4900, 5100), result("llmpq-vs-adabits", 4000.0, 3900, 4100),
+                   result("uniform", 2000.0, 1990, 2010)], plans)
+    assert out["llmpq"].text == "2.50x uniform; same plan as llmpq-vs-adabits"
+    assert out["llmpq-vs-adabits"].ratio == pytest.approx(2.0) and out["llmpq-vs-adabits"].identical_to == "llmpq"
 
 
 def test_overlapping_spreads_are_within_noise_and_apart_are_not():

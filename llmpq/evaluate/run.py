@@ -190,7 +190,9 @@ def ratio_vs_best_baseline(results: list[MethodResult]) -> dict[str, tuple[float
 
 def compare(results: list[MethodResult], plans: dict[str, dict]) -> dict[str, Comparison]:
     """Each method against the fastest baseline of equal or worse quality (module docstring): identical plans,
-    overlapping spreads, a loaded machine; a baseline's own row names only a plan identical to another method's."""
+    overlapping spreads, a loaded machine. A baseline's row names only a plan identical to another method's; a
+    method whose plan is a baseline's is reported identical to it, not ranked; llmpq configurations that share one
+    plan (and no baseline's) are each ranked, with the names of the others."""
     ratios = ratio_vs_best_baseline(results)
     by_name = {r.method: r for r in results}
     fastest = max((r for r in results if is_baseline(r.method) and r.method in plans),
@@ -207,14 +209,15 @@ def compare(results: list[MethodResult], plans: dict[str, dict]) -> dict[str, Co
                 twins.insert(0, first)
                 break
         noise = bool(base) and spreads_overlap(r, by_name[base])
-        if twins:
-            text = f"identical plan to {twins[0]}"
+        same = f"same plan as {', '.join(twins)}" if twins else ""
+        if twins and (is_baseline(r.method) or any(is_baseline(t) for t in twins) or ratio != ratio):
+            text = f"identical plan to {twins[0]}"   # a baseline's plan under another name: not ranked
         elif ratio != ratio:
             text = ""
         elif loaded is not None:
-            text = f"withheld: machine loaded (x{loaded:.2f})"
+            text = f"withheld: machine loaded (x{loaded:.2f})" + (f"; {same}" if same else "")
         else:
-            text = f"{ratio:.2f}x {base}" + (" (within noise)" if noise else "")
+            text = f"{ratio:.2f}x {base}" + (" (within noise)" if noise else "") + (f"; {same}" if same else "")
         out[r.method] = Comparison(ratio, base, noise, twins[0] if twins else "", text)
     return out
 
