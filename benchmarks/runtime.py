@@ -189,7 +189,8 @@ def plan_record(exp: Experiment, results: Path, plan_path: Path, plan: Plan, run
     """One plan's measured phases against its prediction, per stage figures and memory."""
     measured = phase_medians(runs)
     return {
-        "path": str(plan_path), "method": plan.method, "latency_source": plan.latency_source,
+        "path": str(Path(results.name) / plan_path.relative_to(results)),  # no path of the machine that ran it
+        "method": plan.method, "latency_source": plan.latency_source,
         "stages": [{"device": s.device, "layers": [s.start, s.end], "bits": list(s.bits)} for s in plan.stages],
         "micro_batch": {"prefill": plan.micro_batch_prefill, "decode": plan.micro_batch_decode},
         "prefill_rel_error": rel_error(measured["prefill"], plan.prefill_s * 1e3),
