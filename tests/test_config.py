@@ -230,3 +230,13 @@ def test_overridden_workload_gets_its_own_name():
     again = compose_experiment(["cluster=paper-c3", "model=opt-30b", "workload=s512-n100-b32", "workload.gen_len=200"])
     assert base.workload.name == "s512-n100-b32"
     assert longer.workload.name.startswith("s512-n100-b32-") and longer.workload.name == again.workload.name
+
+
+def test_null_optional_blocks_are_accepted(tmp_path):
+    """`efficiency: null` and `slurm: null` in a device file mean the defaults, as before strict keys."""
+    from llmpq.config.validate import device_spec
+
+    data = {"kind": "gpu", "name": "X", "memory_gib": 16, "mem_bandwidth_gbps": 300, "fp16_tflops": 65,
+            "bits": [16, 8, 4], "efficiency": None, "slurm": None}
+    spec = device_spec("x", "device/x.yaml", data)
+    assert spec.efficiency.prefill == 0.5 and spec.slurm.gpu_model is None

@@ -81,6 +81,11 @@ class Reader:
         self.children.append(child)
         return child
 
+    def optional_sub(self, name: str) -> "Reader | None":
+        """The reader of block `name`, or None where it is absent or null (a known key either way)."""
+        self.known.add(name)
+        return None if self.data.get(name) is None else self.sub(name)
+
     def allow(self, *names: str) -> None:
         """Declare keys that are valid here but read elsewhere (or free-form)."""
         self.known.update(names)
@@ -162,7 +167,7 @@ def regex(value: str) -> str | None:
 def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
     r = Reader(file, data)
     kind = r.get("kind", str, "gpu", one_of(("gpu", "cpu")))
-    eff = r.sub("efficiency") if data.get("efficiency") is not None else None
+    eff = r.optional_sub("efficiency")
     efficiency = Efficiency(
         prefill=eff.get("prefill", float, 0.5, positive), decode=eff.get("decode", float, 0.5, positive)
     ) if eff else Efficiency()
@@ -186,7 +191,7 @@ def device_spec(stem: str, file: str, data: Mapping[str, Any]) -> DeviceSpec:
         efficiency=efficiency,
         threads=threads,
         memory_cap_gib=r.get("memory_cap_gib", float, None, positive),
-        slurm=slurm_block(r.sub("slurm")) if data.get("slurm") is not None else SlurmBlock(),
+        slurm=slurm_block(block) if (block := r.optional_sub("slurm")) is not None else SlurmBlock(),
         compute_capability=capability,
         kernels=kernel_overrides(r, bits),
         name_pattern=r.get("name_pattern", str, None, regex),
@@ -298,10 +303,9 @@ def workload_spec(file: str, data: Mapping[str, Any]) -> WorkloadSpec:
 
 
 def _default_budget(r: Reader) -> DefaultBudget | None:
-    if r.data.get("default_budget") is None:
-        r.allow("default_budget")
+    d = r.optional_sub("default_budget")
+    if d is None:
         return None
-    d = r.sub("default_budget")
     spec = DefaultBudget(max_ppl_increase=d.get("max_ppl_increase", float, None, non_negative),
                          budget_from=d.get("budget_from", str, None, one_of(KNOWN_BASELINES)))
     d.finish()  # a typo is named before the emptiness it causes

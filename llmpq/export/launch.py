@@ -35,7 +35,7 @@ class EngineSettings:
 
     stages: int
     partition: tuple[int, ...]       # layers per stage, in stage order
-    max_model_len: int               # s + n
+    max_model_len: int               # the longest prompt + n
     max_num_seqs: int                # b_d
     max_batched_tokens: int          # max(b_p·s, b_d)
     max_running: int                 # B
@@ -49,7 +49,7 @@ def engine_settings(plan: Plan, workload: WorkloadSpec, devices: Mapping[str, De
     kernels = {quantized_kernel(devices[s.device]) for s in plan.stages if devices[s.device].kind == "gpu"}
     return EngineSettings(
         stages=len(plan.stages), partition=tuple(s.end - s.start for s in plan.stages),
-        max_model_len=workload.prompt_len + workload.gen_len, max_num_seqs=plan.micro_batch_decode,
+        max_model_len=workload.kv_len, max_num_seqs=plan.micro_batch_decode,
         max_batched_tokens=max(plan.micro_batch_prefill * workload.prompt_len, plan.micro_batch_decode),
         max_running=workload.batch, force_generic=quantized and bool(kernels - {MARLIN}),
         multi_node=len({s.node for s in plan.stages}) > 1)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from .. import paths
 from ..artifacts import staged_dir
 from ..config import Experiment
+from ..generate.planning import planning_experiment
 from ..models.families import family
 from ..models.source import model_dir as source_dir
 from ..models.source import model_shape
@@ -81,8 +82,9 @@ def export_plan(exp: Experiment, plan_path: Path, engine: str, out: Path, result
     except ValueError as exc:
         raise ExportInputError(f"engine: {exc}") from None
     plan = read_plan(plan_path)
+    exp = planning_experiment(exp)[0]   # a prompts-file workload: its shape from the file, as deploy sees it
     _check_experiment(exp, plan, where)
-    model_dir = source_dir(exp.model)
+    model_dir = source_dir(exp.model, results=results)
     if model_dir is None:
         raise FileNotFoundError(f"model/{exp.model.name}.yaml: source {exp.model.source!r} is not a directory with "
                                 "weights (export needs the model's checkpoint)")

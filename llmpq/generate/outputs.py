@@ -184,7 +184,6 @@ class CompletionWriter:
     def __init__(self, partial: Path, wave: int, after_wave: Callable[[], None] | None = None):
         self.partial, self.wave, self.after_wave = Path(partial), max(1, wave), after_wave
         self.buffer: list[str] = []
-        self.written = 0
 
     def add(self, lines: Sequence[str]) -> None:
         self.buffer.extend(lines)
@@ -198,7 +197,6 @@ class CompletionWriter:
             f.write("".join(self.buffer))
             f.flush()
             os.fsync(f.fileno())
-        self.written += len(self.buffer)
         self.buffer = []
         if self.after_wave is not None:
             self.after_wave()

@@ -49,6 +49,7 @@ from .outputs import OutputIdentity, finalize_output, id_key, partial_path, prep
 from .planning import PromptsInput, load_tokenizer, planning_workload, read_prompts
 
 GENERATE_MODULE = "llmpq.runtime.genstage"
+GENERATE_LAUNCHERS = tuple(name for name in LAUNCHERS if name != "sbatch")  # no SLURM job of its own yet
 SIGTERM_EXIT_CODE = 143
 
 
@@ -76,8 +77,8 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"generate.mode: {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.launcher not in LAUNCHERS:
-            raise ValueError(f"generate.launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        if self.launcher not in GENERATE_LAUNCHERS:
+            raise ValueError(f"generate.launcher: {self.launcher!r} is not one of {', '.join(GENERATE_LAUNCHERS)}")
         if self.on_change not in ("refuse", "restart"):
             raise ValueError(f"generate.on_change: {self.on_change!r} is not one of refuse, restart")
         if self.timeout_s <= 0 or self.wave_pause_s < 0:
@@ -171,16 +172,20 @@ class PartialWatch:
     first stage has written to the partial file so far (`llmpq.progress`)."""
 
     def __init__(self, job: GenerateJob):
-        self.path, self.seen = Path(job.partial), job.done_before
+        self.path, self.offset = Path(job.partial), 0   # lines before `offset` are counted in the bar already
+        if self.path.is_file():
+            self.offset = self.path.stat().st_size       # the resumed lines: `done_before`
         self.bar = console_bar(total=job.total, initial=job.done_before, desc="generate", unit="prompts", disable=True)
 
     def __call__(self) -> None:
         if self.path.is_file():
             with self.path.open("rb") as f:
-                lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-            if lines > self.seen:
-                self.bar.update(lines - self.seen)
-                self.seen = lines
+                f.seek(self.offset)
+                new = f.read()
+            complete = new.rfind(b"\n") + 1      # a wave's last line may still be being written
+            if complete:
+                self.offset += complete
+                self.bar.update(new.count(b"\n", 0, complete))
 
     def close(self) -> None:
         self()

@@ -36,7 +36,6 @@ class Running:
     """A sequence in a slot: its prompt index, cache columns (padding, next column) and tokens so far."""
 
     index: int
-    slot: int
     pad: int = 0
     end: int = 0
     tokens: list[int] = field(default_factory=list)
@@ -122,7 +121,7 @@ class Batcher:
             inputs, pads = [], []
             for slot, i in chunk:
                 pad = q - len(self.prompts[i])
-                self.slots[slot] = Running(i, slot, pad)
+                self.slots[slot] = Running(i, pad)
                 pads.append(pad)
                 inputs.append((self.pad_id,) * pad + self.prompts[i])
             layout = RowLayout(tuple(s for s, _ in chunk), tuple(pads), (0,) * len(chunk), q)

@@ -132,7 +132,7 @@ class GenerateLoop:
                 for _, rest in posted:
                     self._wait(rest)
                 break
-            phase = PHASE_OF[header.kind]
+            phase = header.phase
             self.clock.add_wait(phase, waited)
             if header.inline:
                 hidden = wire.inline_hidden(message, header)

@@ -55,8 +55,7 @@ def phase_wall_ms(reports: Sequence[StageReport]) -> dict[str, float]:
 
 def run_rows(job: RunJob, plan: Plan, reports: Sequence[StageReport]) -> list[dict[str, Any]]:
     """Rows of the `runs` table for one deployed plan."""
-    walls = phase_walls_ms(reports)
-    wall = {p: float(statistics.median(w)) for p, w in walls.items()}
+    walls, wall = phase_walls_ms(reports), phase_wall_ms(reports)
     total_tokens = job.batch * job.gen_len
     total_ms = wall["prefill"] + wall["decode"]
     throughput = total_tokens / (total_ms / 1e3) if total_ms > 0 else 0.0
