@@ -6,6 +6,7 @@ temporary file in the target directory, then renamed, so a crash never leaves a 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -108,6 +109,15 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 class SchemaError(ValueError):
     """A table does not match its declared schema; names the file (if any) and the columns."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def schema(kind: str) -> pa.Schema:

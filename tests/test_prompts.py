@@ -14,7 +14,8 @@ import pytest
 from llmpq.config import ConfigError, QuantSpec, compose_experiment
 from llmpq.costmodel.memory import layer_kv_bytes, stage_memory
 from llmpq.data.prompt_source import prompts_kind
-from llmpq.data.prompts import (PromptsError, file_sha256, prompt_stats, read_prompt_rows, tokenize_prompts,
+from llmpq.artifacts import file_sha256
+from llmpq.data.prompts import (PromptsError, prompt_stats, read_prompt_rows, tokenize_prompts,
                                 TokenizedPrompt)
 from llmpq.generate.planning import planning_experiment, read_prompts
 from llmpq.models.source import model_shape

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, Experiment, WorkloadSpec
-from ..data.prompts import PromptStats, TokenizedPrompt, file_sha256, prompt_stats, read_prompt_rows, tokenize_prompts
+from ..artifacts import file_sha256
+from ..data.prompts import PromptStats, TokenizedPrompt, prompt_stats, read_prompt_rows, tokenize_prompts
 from ..models.shape import shape_from_config
 from ..models.source import hf_config_dict, model_dir
 

@@ -17,7 +17,6 @@ pre-emption or time limit) stops the stage processes; running the same command a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import paths
-from ..artifacts import provenance, read_table, write_table
+from ..artifacts import file_sha256, provenance, read_table, write_table
 from ..config import Experiment
 from ..data.prompts import PromptsError, TokenizedPrompt
 from ..models.shape import shape_from_config
@@ -105,10 +104,6 @@ class GenerateResult:
     done_before: int
     report: GenerateReport | None
     row: dict[str, Any] | None
-
-
-def plan_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def eos_ids(weights: Path) -> tuple[int, ...]:
@@ -257,7 +252,7 @@ def generate(exp: Experiment, plan_path: str | Path, out: str | Path, prompts: s
     if w.stop == "eos" and not eos:
         raise PromptsError(f"workload/{w.name}.yaml", "stop", f"eos, but model {exp.model.name} names no "
                                                               "eos_token_id (use stop: none)")
-    identity = OutputIdentity(plan_sha256(plan_path), found.stats.sha256, w.gen_len, w.stop, eos, w.overlong)
+    identity = OutputIdentity(file_sha256(plan_path), found.stats.sha256, w.gen_len, w.stop, eos, w.overlong)
     ids = [p.id for p in found.prompts]
     out.parent.mkdir(parents=True, exist_ok=True)
     state = prepare_output(out, identity, ids, options.on_change)

@@ -15,7 +15,6 @@ that provides it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..artifacts import staged_dir
+from ..artifacts import file_sha256, staged_dir
 from ..config import ConfigError, ModelSpec
 from ..paths import imported_model_dir
 from ..progress import bar as console_bar
@@ -90,14 +89,6 @@ def check_real_packages(spec: ModelSpec) -> None:
                           f"install them with: {REAL_INSTALL}")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_gguf(spec: ModelSpec, gguf: Path, out: Path) -> ImportReport:
     """Dequantize `gguf` into a float32 HF directory at `out` (atomically), with its tokenizer."""
     start = time.perf_counter()
@@ -109,7 +100,7 @@ def import_gguf(spec: ModelSpec, gguf: Path, out: Path) -> ImportReport:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    report = ImportReport(str(out), spec.source, gguf.name, sha256_of(gguf), model.config.model_type, shape.params, 0.0)
+    report = ImportReport(str(out), spec.source, gguf.name, file_sha256(gguf), model.config.model_type, shape.params, 0.0)
     with staged_dir(out) as stage:
         model.save_pretrained(stage)
         tokenizer.save_pretrained(stage)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..artifacts import provenance, staged_dir
+from ..artifacts import file_sha256, provenance, staged_dir
 from ..config import config_hash
 from ..models.shape import shape_from_config
 from ..models.source import model_dir as source_dir
@@ -29,7 +29,7 @@ from .gptq_layout import dequantize, pack_linear
 from .loader import load_quantized_layer
 from .rtn import rtn_dequantize, rtn_grid
 from .settings import FP_BITS, SCHEMES, LayerHeader, LinearQuant
-from .store import ManifestRow, layer_file, sha256_file, write_layer_file, write_manifest
+from .store import ManifestRow, layer_file, write_layer_file, write_manifest
 from .stream import LayerStream
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
@@ -159,7 +159,7 @@ def quantize_store(job: QuantizeJob, progress: bool = True, device: str = "cpu")
             error = 0.0 if job.bits == FP_BITS else weight_rel_error(
                 config, path, index, layer_tensors(job.model_dir, config.model_type, index), linears)
             rows.append(ManifestRow(index, job.bits, job.scheme, job.group_size if job.bits < FP_BITS else -1,
-                                    path.name, weight_bytes, path.stat().st_size, sha256_file(path), error, seconds))
+                                    path.name, weight_bytes, path.stat().st_size, file_sha256(path), error, seconds))
             return path
 
         if job.bits == FP_BITS or job.scheme == "rtn":

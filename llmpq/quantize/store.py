@@ -7,7 +7,6 @@ file and the manifest are written, so a crash never leaves a store that looks co
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..artifacts import read_table, write_table
+from ..artifacts import file_sha256, read_table, write_table
 from .settings import LayerHeader
 
 MANIFEST_FILE = "manifest.parquet"
@@ -49,15 +48,6 @@ class ManifestRow:
 def layer_file(store_dir: str | Path, index: int) -> Path:
     """Path of decoder layer `index` in a store directory."""
     return Path(store_dir) / f"layer_{index}.safetensors"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_layer_file(path: str | Path, tensors: Mapping[str, torch.Tensor], header: LayerHeader) -> int:
@@ -123,7 +113,7 @@ def verify_layer_file(path: str | Path, manifest: Mapping[int, ManifestRow] | No
         raise LayerFileError(f"{path}: not listed in {path.parent / MANIFEST_FILE}")
     if not path.is_file():
         raise LayerFileError(f"{path}: layer file not found (listed in the manifest)")
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if actual != row.sha256:
         raise LayerFileError(
             f"{path}: corrupted layer file: sha256 {actual[:16]}… does not match the manifest's {row.sha256[:16]}…; "

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from llmpq.config import ConfigError, ConfigSearch, compose_experiment, load_device
 from llmpq.config.compose import CONFIG_DIR_ENV
-from llmpq.data.prompts import file_sha256
+from llmpq.artifacts import file_sha256
 from llmpq.slurm.hetjob import plan_job
 from llmpq.slurm.request import plugin_resources
 from llmpq.slurm.resources import SlurmOptions
