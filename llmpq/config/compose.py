@@ -219,11 +219,12 @@ def compose_experiment(
     cluster = cluster_spec(cluster_file, raw["cluster"], lambda s: s in known, known)
     if cluster.device_stems() != stems:
         raw = _hydra_compose(search, list(overrides) + [f"+device@devices.{s}={s}" for s in cluster.device_stems()])
-    devices = {s: device_spec(s, search.label("device", s), raw["devices"][s]) for s in cluster.device_stems()}
+    labels = {s: search.label("device", s) for s in cluster.device_stems()}
+    devices = {s: device_spec(s, labels[s], raw["devices"][s]) for s in cluster.device_stems()}
     check_cpu_threads(cluster_file, cluster, devices)
     table, raw["kernels"] = _kernel_table(search)
     for stem, spec in devices.items():
-        table.check_overrides(spec, search.label("device", stem))
+        table.check_overrides(spec, labels[stem])
     model_file = search.label("model", chosen["model"])
     model = model_spec(model_file, raw["model"])
     check_family(model, model_file, results=str(raw.get("results_dir") or "results"))
@@ -263,8 +264,9 @@ def load_device(stem: str, config_dir: str | Path | None = None, conf_dir: Path 
     if search.file("device", stem) is None:
         raise ConfigError("overrides", "device", f"unknown device {stem!r} (known: {', '.join(search.options('device'))})")
     raw = _hydra_compose(search, [f"+device@devices.{stem}={stem}"])
-    spec = device_spec(stem, search.label("device", stem), raw["devices"][stem])
-    load_kernel_table(search.kernel_table_file()).check_overrides(spec, search.label("device", stem))
+    label = search.label("device", stem)
+    spec = device_spec(stem, label, raw["devices"][stem])
+    load_kernel_table(search.kernel_table_file()).check_overrides(spec, label)
     return spec
 
 

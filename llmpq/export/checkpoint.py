@@ -80,7 +80,8 @@ def planned_layers(bits_per_layer: Sequence[int], quant_root: Path, scheme: str,
             raise FileNotFoundError(f"{store}: no quantized store (run `llmpq quantize bits={bits}` with scheme {scheme})")
         path = layer_file(store, index)
         if verify:
-            manifests.setdefault(bits, read_manifest(store))
+            if bits not in manifests:
+                manifests[bits] = read_manifest(store)
             verify_layer_file(path, manifests[bits])
         header = read_layer_header(path)
         expected = (index, model_type, scheme, bits)

@@ -32,7 +32,6 @@ from llmpq.config.compose import config_hash
 from llmpq.profile.load import load_average
 
 PAYLOAD_BYTES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)
-LOADS = ("idle", "busy")
 BUSY_MS = 0.5   # compute per round of the busy exchange (about a small stage's step)
 
 

@@ -33,7 +33,7 @@ from llmpq.costmodel.estimate import estimate
 
 from .candidate import Candidate
 from .errors import MemoryInfeasible, SolveTimeout
-from .feasibility import MEMORY_ADVICE, memory_message, memory_need_and_room, memory_report, over_text
+from .feasibility import MEMORY_ADVICE, memory_infeasible, memory_need_and_room, memory_report, over_text
 from .heuristic import busy_tables
 from .limits import Deadline, SearchSettings
 from .methods import BASELINES
@@ -88,11 +88,6 @@ def common_bits(tb: ProblemTables) -> list[int]:
     return sorted((c for c in range(tb.n_bits) if tb.allowed[:, c].all()), key=lambda c: -tb.bits[c])
 
 
-def _no_fit(cache: CostCache, method: str, layers_needed: tuple[int, ...] | None = None,
-            bits: int | None = None) -> MemoryInfeasible:
-    return MemoryInfeasible(f"{method}: {memory_message(cache)}", memory_report(cache, layers_needed, bits))
-
-
 def pipeedge(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
     """PipeEdge-style plan (module docstring)."""
     cluster, layers = cache.ctx.cluster, omega.num_layers
@@ -115,7 +110,7 @@ def pipeedge(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> B
         if best is not None:
             tb = tables[best[1]]
             return BaselinePlan(_candidate(tb, _uniform_assignment(best[2], tb.bits.index(bits))), "optimal", 0.0)
-    raise _no_fit(cache, "pipeedge")
+    raise memory_infeasible(cache, "pipeedge: ")
 
 
 def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> BaselinePlan:
@@ -128,15 +123,16 @@ def uniform(cache: CostCache, omega: OmegaTable, settings: SearchSettings) -> Ba
             break
         tb = _tables(cache, slots, b, omega, settings)
         counts = even_counts(layers, len(slots))
-        for c in common_bits(tb):
+        columns = common_bits(tb)
+        for c in columns:
             a = _uniform_assignment(counts, c)
             if not violations(tb, a):
                 return BaselinePlan(_candidate(tb, a), "optimal", 0.0)
-        lowest = tb.bits[common_bits(tb)[-1]] if common_bits(tb) and lowest is None else lowest
+        lowest = tb.bits[columns[-1]] if columns and lowest is None else lowest
     n = len(cluster.device_slots())
     need, room, _ = memory_need_and_room(cache)
     if n > layers or lowest is None or need > room:  # nothing fits at all: say that
-        raise _no_fit(cache, "uniform")
+        raise memory_infeasible(cache, "uniform: ")
     report = memory_report(cache, even_counts(layers, n), lowest, b)
     raise MemoryInfeasible(f"uniform: an even split of the {layers} layers at {lowest}-bit, the lowest bit-width every "
                            f"device runs, does not fit: {over_text(report) or 'stages exceed memory'}; "
@@ -154,7 +150,7 @@ def adabits(cache: CostCache, omega: OmegaTable, settings: SearchSettings,
         if deadline.expired():
             raise SolveTimeout(f"adabits: no plan found within solver.time_limit_s = {settings.time_limit_s:g} s; "
                                "raise it")
-        raise _no_fit(cache, "adabits")
+        raise memory_infeasible(cache, "adabits: ")
     budget = least.omega * (1 + 1e-9) + 1e-15
     tb = build_tables(cache, least.tables.slots, b, b, omega, items=least.tables.items, budget=budget,
                       theta=settings.theta, decode_points=settings.decode_points)
@@ -233,7 +229,7 @@ def uniform_best(cache: CostCache, omega: OmegaTable, settings: SearchSettings) 
                     best = (key, cand)
         if best is not None:
             return BaselinePlan(best[1], "optimal", 0.0)
-    raise _no_fit(cache, "uniform-best")
+    raise memory_infeasible(cache, "uniform-best: ")
 
 
 def run_baseline(method: str, cache: CostCache, omega: OmegaTable, settings: SearchSettings,

@@ -18,6 +18,7 @@ import numpy as np
 from llmpq.costmodel import memory as mem
 from llmpq.units import format_bytes
 
+from .errors import MemoryInfeasible
 from .limits import Deadline, SearchSettings
 from .omega_min import least_omega_plan
 from .orders import device_orders, full_orders
@@ -66,6 +67,11 @@ def memory_message(cache: CostCache) -> str:
         text += (" in total, but no arrangement fits: stages hold whole layers, and the first and last stages "
                  "also hold the embedding and the LM head")
     return f"{text}; {MEMORY_ADVICE}"
+
+
+def memory_infeasible(cache: CostCache, prefix: str = "") -> MemoryInfeasible:
+    """The error of a model that does not fit the cluster: `memory_message` (after `prefix`) and `memory_report`."""
+    return MemoryInfeasible(prefix + memory_message(cache), memory_report(cache))
 
 
 def memory_report(cache: CostCache, layers_needed: Sequence[int] | None = None, bits: int | None = None,

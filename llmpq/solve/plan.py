@@ -185,11 +185,6 @@ class Plan:
     dtype: str | None = None    # every stage's compute dtype (`llmpq.config.dtypes`); None in older plans
 
     @property
-    def compute_dtype(self) -> str | None:
-        """The plan's dtype; for a plan written before it was recorded, None (the runtime's default)."""
-        return self.dtype
-
-    @property
     def bits(self) -> tuple[int, ...]:
         """Per-layer bits in layer order."""
         return tuple(b for s in self.stages for b in s.bits)

@@ -32,7 +32,7 @@ from llmpq.models.source import hf_config_dict
 from .baselines import run_baseline
 from .candidate import Candidate
 from .errors import BudgetInfeasible, MemoryInfeasible, NoCandidate, SolveTimeout
-from .feasibility import budget_message, least_omega, memory_message, memory_report
+from .feasibility import budget_message, least_omega, memory_infeasible
 from .limits import Deadline, SearchSettings
 from .methods import BASELINES, METHODS
 from .plan import Plan, StageMemoryPlan, StagePlan
@@ -122,21 +122,21 @@ def _default_or_given_budget(spec: SolverSpec, defaulted: bool, cache: CostCache
             return _budget(replace(spec, budget_from=source), cache, omega, ppl_map, settings, deadline)
         except MemoryInfeasible:
             continue
-    raise MemoryInfeasible(memory_message(cache), memory_report(cache))  # not even adabits fits: nothing does
+    raise memory_infeasible(cache)  # not even adabits fits: nothing does
 
 
 def _no_plan(cache: CostCache, deadline: Deadline, settings: SearchSettings) -> ValueError:
     """Memory infeasibility, or a timeout when the deadline passed before anything could be decided."""
     if deadline.expired():
         return SolveTimeout(f"no plan found within solver.time_limit_s = {settings.time_limit_s:g} s: raise it")
-    return MemoryInfeasible(memory_message(cache), memory_report(cache))
+    return memory_infeasible(cache)
 
 
 def _budget_error(cache: CostCache, omega: OmegaTable, settings: SearchSettings, budget: Budget,
                   deadline: Deadline) -> BudgetInfeasible | MemoryInfeasible:
     least = least_omega(cache, omega, settings, deadline)
     if least is None and not deadline.expired():
-        return MemoryInfeasible(memory_message(cache), memory_report(cache))
+        return memory_infeasible(cache)
     return BudgetInfeasible(budget_message(budget.omega, budget.source, least), _budget_report(budget, least))
 
 
@@ -179,10 +179,10 @@ def solve_candidates(exp: Experiment, cache: CostCache, omega: OmegaTable, ppl_m
         if result.status == "timeout":
             raise _no_plan(cache, deadline, settings)
         if not result.memory_feasible:
-            raise MemoryInfeasible(memory_message(cache), memory_report(cache))
+            raise memory_infeasible(cache)
         if budget.bounded:
             raise _budget_error(cache, omega, settings, budget, deadline)
-        raise MemoryInfeasible(memory_message(cache), memory_report(cache))
+        raise memory_infeasible(cache)
     return found, result.status, result.gap, budget, dict(result.stats)
 
 

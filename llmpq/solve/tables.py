@@ -196,6 +196,7 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
     kernels = []
     for j, (_, stem) in enumerate(slots):
         row = []
+        idle_p, idle_d = (ctx.latency.after_idle(stem, p) if n_st > 1 else 1.0 for p in ("prefill", "decode"))
         for c, b in enumerate(bits):
             if not allowed[j, c]:
                 row.append("")
@@ -203,7 +204,6 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
                 continue
             kern = cache.kernel(stem, b, b_p, b_d)
             row.append(kern)
-            idle_p, idle_d = (ctx.latency.after_idle(stem, p) if n_st > 1 else 1.0 for p in ("prefill", "decode"))
             tp[j, c] = idle_p * cache.layer_prefill_ms(stem, b, b_p, kern)
             if points:
                 td[j, c] = idle_d * cache.layer_decode_ms(stem, b, b_d, points, kern)
