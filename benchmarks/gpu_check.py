@@ -125,7 +125,9 @@ def check_plan(exp, plan_path: Path, out: Path, dtype: str) -> dict:
     walls = {p: next(r["wall_ms"] for r in rows if r["phase"] == p) for p in ("prefill", "decode")}
     return {"dtype": dtype, "bits": [list(s.bits) for s in plan.stages],
             "kernels": [dict(s.kernels) for s in plan.stages],
-            "tokens_match_hf": same == len(hf), "token_match_rate": same / len(hf),
+            # HF's reference is the unquantized model: only a plan without quantized layers must match it
+            "tokens_match_hf": same == len(hf) if all(b >= 16 for b in plan.bits) else None,
+            "token_match_rate": same / len(hf),
             "prefill_rel_error": (walls["prefill"] - plan.prefill_s * 1e3) / (plan.prefill_s * 1e3),
             "decode_rel_error": (walls["decode"] - plan.decode_s * 1e3) / (plan.decode_s * 1e3),
             "latency_source": plan.latency_source, "clock_gap": max(s["clock_gap"] for s in stages),

@@ -70,7 +70,7 @@ def main() -> int:
             "e2e_s": round(e2e_s, 1),
             "noop_dry_run_s": round(noop_s, 2),
             "per_rule_s": seconds_per_rule(workdir),
-            "summary": summary[0].read_text() if summary else "",
+            "summaries": {str(p.relative_to(workdir / "results" / "eval")): p.read_text() for p in summary},
             "cores": args.cores,
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         }
