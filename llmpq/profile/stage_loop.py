@@ -8,10 +8,9 @@
 - `layer_hot` / `layer_idle` (per phase, at the grid's corners, 16-bit): a layer call right after another
   call, and right after an idle gap of `IDLE_GAP_MS`, as a pipeline stage makes it after waiting for its
   input (caches and clocks cool while it waits). Their ratio is the cost model's after-idle factor, applied
-  to the layers of every stage of a multi-stage pipeline. The gap matters: on this 2-core machine a
-  decoder-layer call is as fast as back to back after a sleep of up to 0.5 ms and 1.5-2.2x slower after
-  1-5 ms, the waits the default two-stage plans' stages actually make (1-2.5 ms per step); a gap as long as
-  one call (the earlier choice) measured about 1.1 and left two-stage predictions 30-70% optimistic.
+  to the layers of every stage of a multi-stage pipeline. The gap matters: the slowdown grows with it
+  (`benchmarks/idle_gap.py`), and 2 ms is the wait the default two-stage plans' stages make per step
+  (1-2.5 ms); a gap as long as one call (the earlier choice) left two-stage decode 26-38% optimistic.
 
 The cost model reads both from the profile (`llmpq.costmodel.latency.LatencyModel.loop_ms` and `.after_idle`).
 """

@@ -13,7 +13,6 @@ import json
 import platform
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,13 +25,13 @@ from ..generate.outputs import CompletionWriter, completion_line
 from ..generate.progress import Progress
 from ..profile.timing import torch_threads
 from .batcher import Batcher, Finished
-from .caps import MemoryCapError, StageRefusal, cap_violation
+from .caps import MemoryCapError, cap_violation
 from .genloop import GenerateLoop, GenerateRing, window_size
 from .job import StageSpec
 from .kvcache import StageKVCache, cache_shape
 from .measure import StageClock, StageMemorySampler
 from .parts import load_stage
-from .stage import CAP_EXIT_CODE, Placement, _init_process_group, placement_from_env, torch_device, torch_dtype
+from .stage import Placement, _init_process_group, placement_from_env, run_and_report, torch_device, torch_dtype
 from .wire import Wire
 
 
@@ -194,26 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = GenerateJob.read(argv[0])
     place = placement_from_env()
-    where = f"llmpq generate stage {place.rank}"
-    if place.world != len(job.stages):
-        print(f"{where}: started with {place.world} processes for a plan of {len(job.stages)} stages", file=sys.stderr)
-        return 2
-    where += f" ({job.stages[place.rank].device})"
-    try:
-        report = run_generate_stage(job, place)
-    except StageRefusal as exc:
-        print(f"{where}: {exc}", file=sys.stderr, flush=True)
-        return CAP_EXIT_CODE
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"{where}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return 1
-    report.write(job.report_path(place.rank))
-    if place.world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return 0
+    return run_and_report(job, place, f"llmpq generate stage {place.rank}", run_generate_stage)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -218,12 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         place = Placement(stage, len(job.stages), index)
         where = f"llmpq stage {stage}"
         print(f"{where} ({job.stages[stage].device}): {slot}", flush=True)
+    return run_and_report(job, place, where, run_stage, slot)
+
+
+def run_and_report(job: Any, place: Placement, where: str, run: Callable[[Any, Placement], Any], slot: str = "") -> int:
+    """A stage process's body after its placement (deploy's and the batch job's): run this rank's stage, write its
+    report and leave the process group. Exit codes: 0, 2 for a world that does not match the plan,
+    CAP_EXIT_CODE for a stage refused before loading, 1 for any other failure (named with `where`)."""
     if place.world != len(job.stages):
         print(f"{where}: started with {place.world} processes for a plan of {len(job.stages)} stages", file=sys.stderr)
         return 2
     where += f" ({job.stages[place.rank].device}{', ' + slot if slot else ''})"
     try:
-        report = run_stage(job, place)
+        report = run(job, place)
     except StageRefusal as exc:
         print(f"{where}: {exc}", file=sys.stderr, flush=True)
         return CAP_EXIT_CODE
