@@ -153,7 +153,7 @@ def profile_tiny(exp, stem: str) -> dict:
     meta = read_meta(out)
     lat = build_context(exp, RESULTS).latency
     return {"path": str(out), "dtype": meta.get("dtype"), "reference_ms": float(meta["reference_ms"]),
-            "after_idle": {p: lat.after_idle(stem, p) for p in ("prefill", "decode")},
+            "after_idle_ms": {p: lat.after_idle_ms(stem, p) for p in ("prefill", "decode")},
             "loop_ms": {p: lat.loop_ms(stem, p, B) for p in ("prefill", "decode")},
             "profile_s": time.monotonic() - started}
 

@@ -11,7 +11,7 @@ speed against HF `generate`.
   growth against the memory model's total for the stage (`stage_memory`, the device reserve aside).
 - `load_factor`: the largest of the runs' idle reference timings over their profiles' (`llmpq.profile.load`);
   `loaded` when it passes the threshold: the timings were taken on a loaded machine.
-- `overheads`: the cost model's per-step terms from the profiles (after-idle factor, loop cost per step) and
+- `overheads`: the cost model's per-step terms from the profiles (after-idle cost per layer, loop cost per step) and
   the link fits (idle and busy) that the prediction used.
 - `speedup_vs_hf_generate`: tokens/s of a one-stage 16-bit plan (the first device with its memory cap lifted to
   1 GiB, its threads, b_p = b_d = B) over HF `generate` (greedy, the same prompts, n tokens, no EOS stop, the same threads); both medians.
@@ -95,16 +95,18 @@ def memory_errors(runs: list[DeployResult], exp: Experiment) -> list[dict]:
 
 
 def overheads(exp: Experiment, results: Path) -> dict:
-    """The per-step terms and link fits the cost model used (from the profiles)."""
+    """The per-step terms and link fits the cost model used (from the profiles): idle fits are the links' own times,
+    busy fits each sending stage's cost per message."""
     from llmpq.costmodel.context import read_links
 
     ctx = build_context(exp, results)
     devices = {stem: {"source": ctx.latency.overhead_source(stem),
-                      "after_idle": {p: ctx.latency.after_idle(stem, p) for p in ("prefill", "decode")},
+                      "after_idle_ms": {p: ctx.latency.after_idle_ms(stem, p) for p in ("prefill", "decode")},
                       "loop_ms_b1": {p: ctx.latency.loop_ms(stem, p, 1) for p in ("prefill", "decode")}}
                for stem in exp.cluster.device_stems()}
     links_file = paths.links_path(results, exp.cluster.name)
-    links = {load: {k: vars(v) for k, v in read_links(links_file, load).items()} for load in ("idle", "busy")} \
+    links = {load: {k: vars(v) for k, v in read_links(links_file, load, fallback=False).items()}
+             for load in ("idle", "busy")} \
         if links_file.is_file() else {}
     return {"devices": devices, "links": links}
 

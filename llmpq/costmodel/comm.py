@@ -1,7 +1,9 @@
 """Communication between stages: α + bytes / bandwidth per link, and the payloads that cross them.
 
 Links are the cluster's two classes (`intra_node`, `inter_node`); measured ones (from `profile-links`)
-replace the configured ones where present.
+replace the configured ones where present: the idle transfer time is the link's own time c_j, and the cost per
+message measured with both ranks computing (`busy`) is what the sending stage pays in its own time per step
+(`message_ms`; 0 where not measured).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def link_between(cluster: ClusterSpec, node_a: str, node_b: str, measured: Mappi
 
 
 def fit_link(payload_bytes: Sequence[float], latency_ms: Sequence[float]) -> Link:
-    """Least-squares fit of t = α + bytes / BW to measured transfers; α and 1/BW clamped at >= 0.
+    """Fit of t = α + bytes / BW to measured transfers, least squares on the relative error (each point weighted
+    by 1 / its time, so that the small payloads of decode steps are fitted as well as the megabytes of a prefill;
+    a plain fit let an 8 MiB point decide α, and clamped it to 0); α and 1/BW clamped at >= 0.
 
     Returns latency_us = α·1e3 and bandwidth_gbps = 1e-6 / slope (slope in ms per byte).
     """
@@ -54,8 +58,17 @@ def fit_link(payload_bytes: Sequence[float], latency_ms: Sequence[float]) -> Lin
     y = np.asarray(latency_ms, dtype=float)
     if len(x) < 2 or np.ptp(x) == 0:
         raise ValueError("fitting a link needs at least two different payload sizes")
-    slope, alpha = np.polyfit(x, y, 1)
+    w = 1.0 / np.maximum(y, 1e-9)
+    slope, alpha = np.polyfit(x, y, 1, w=w)
     if alpha < 0:
-        slope, alpha = float(np.dot(x, y) / np.dot(x, x)), 0.0
+        slope, alpha = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
     slope = max(float(slope), 1e-15)
     return Link(bandwidth_gbps=1e-6 / slope, latency_us=float(alpha) * 1e3)
+
+
+def message_ms(cluster: ClusterSpec, node_a: str, node_b: str, per_message: Mapping[str, Link], nbytes: int) -> float:
+    """What a stage on `node_a` pays in its own time to send `nbytes` to `node_b` while every stage computes: the
+    link class's measured per-message cost under load (`profile-links` busy rows), 0 where it was not measured."""
+    link_between(cluster, node_a, node_b)  # checks the nodes
+    kind = "intra_node" if node_a == node_b else "inter_node"
+    return transfer_ms(per_message[kind], nbytes) if kind in per_message else 0.0

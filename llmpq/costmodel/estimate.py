@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .comm import hidden_bytes, link_between, token_bytes, transfer_ms
+from .comm import hidden_bytes, link_between, message_ms, token_bytes, transfer_ms
 from .context import CostContext
 from .memory import StageMemory, stage_memory
 from .pipeline import PhaseTimes, micro_batches, pipeline_time, throughput_tok_s
@@ -121,7 +121,7 @@ def _stage_ms_many(ctx: CostContext, stage: StageAssignment, phase: str, batch: 
         total += count * ctx.latency.layer_ms_many(stage.device, bits, phase, batch, q_tokens, contexts,
                                                    kernels.get(bits))
     if pipelined:
-        total *= ctx.latency.after_idle(stage.device, phase)
+        total += len(stage.bits) * ctx.latency.after_idle_ms(stage.device, phase)
     if first:
         total += ctx.latency.embed_ms(stage.device, phase, batch, q_tokens)
     if last:
@@ -131,13 +131,14 @@ def _stage_ms_many(ctx: CostContext, stage: StageAssignment, phase: str, batch: 
 
 def stage_time_ms(ctx: CostContext, stage: StageAssignment, phase: str, batch: int, context_len: int, *,
                   first: bool, last: bool, pipelined: bool = False) -> float:
-    """t_j = f_idle · Σ_{i in stage} t_layer(device, b_i, phase, batch, q, c) + t_embed (first) + t_head (last)
-    + t_loop(device, phase, batch) (ms).
+    """t_j = Σ_{i in stage} (t_layer(device, b_i, phase, batch, q, c) + t_idle) + t_embed (first) + t_head (last)
+    + t_loop(device, phase, batch) (ms), without the stage's cost of sending its message (`estimate` adds
+    `message_times_ms`).
 
-    Prefill: q = c = context_len (the prompt); decode: q = 1 new token over context c. f_idle (the device's
-    after-idle factor, `LatencyModel.after_idle`) applies to a stage of a multi-stage pipeline (`pipelined`),
-    which waits for its input before every step; t_loop is the stage loop's own cost per step
-    (`LatencyModel.loop_ms`). Both come from the device's profile (1 and 0 without one).
+    Prefill: q = c = context_len (the prompt); decode: q = 1 new token over context c. t_idle (the device's
+    after-idle cost per layer, `LatencyModel.after_idle_ms`) applies to a stage of a multi-stage pipeline
+    (`pipelined`), which waits for its input before every step; t_loop is the stage loop's own cost per step
+    (`LatencyModel.loop_ms`). Both come from the device's profile (0 without one).
     """
     q = context_len if phase == "prefill" else 1
     return float(_stage_ms_many(ctx, stage, phase, batch, q, np.asarray([context_len]), first=first, last=last,
@@ -158,6 +159,21 @@ def link_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: in
         link = link_between(ctx.cluster, stage.node, nxt.node, ctx.links)
         payload = token_bytes(batch) if j == n - 1 else hidden_bytes(ctx.shape, batch, tokens, ctx.devices[stage.device])
         out.append(transfer_ms(link, payload))
+    return tuple(out)
+
+
+def message_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int,
+                     tokens: int) -> tuple[float, ...]:
+    """m_j for j = 0..N−1: what stage j pays in its own time per step to send its message (hidden states to j+1, the
+    last stage's token ids to the first) while every stage computes (`comm.message_ms`); 0 for one stage."""
+    n = len(stages)
+    if n == 1:
+        return (0.0,)
+    out = []
+    for j, stage in enumerate(stages):
+        nxt = stages[(j + 1) % n]
+        payload = token_bytes(batch) if j == n - 1 else hidden_bytes(ctx.shape, batch, tokens, ctx.devices[stage.device])
+        out.append(message_ms(ctx.cluster, stage.node, nxt.node, ctx.per_message, payload))
     return tuple(out)
 
 
@@ -198,16 +214,17 @@ def estimate(ctx: CostContext, stages: Sequence[StageAssignment], b_p: int, b_d:
     k_p, k_d = micro_batches(w.batch, b_p), micro_batches(w.batch, b_d)
 
     pipelined = len(stages) > 1
+    msg_p, msg_d = message_times_ms(ctx, stages, b_p, s), message_times_ms(ctx, stages, b_d, 1)
     prefill_stage = tuple(
         float(_stage_ms_many(ctx, st, "prefill", b_p, s, np.asarray([s]), first=j == 0, last=j == last_j,
-                             pipelined=pipelined)[0])
+                             pipelined=pipelined)[0]) + msg_p[j]
         for j, st in enumerate(stages))
     prefill = PhaseTimes(prefill_stage, link_times_ms(ctx, stages, b_p, s))
 
     k_mid = max(1, n // 2)
     contexts = s + np.arange(1, max(n, 2), dtype=float)  # rounds k = 1..n−1 (k_mid too when n = 1)
     decode_stage = np.stack([_stage_ms_many(ctx, st, "decode", b_d, 1, contexts, first=j == 0, last=j == last_j,
-                                            pipelined=pipelined)
+                                            pipelined=pipelined) + msg_d[j]
                              for j, st in enumerate(stages)])
     comm_decode = link_times_ms(ctx, stages, b_d, 1)
     rounds = [PhaseTimes(tuple(map(float, decode_stage[:, k - 1])), comm_decode) for k in range(1, n)]

@@ -18,9 +18,10 @@ tokens (embedding); the head has length 1. `kernel` is the weight kernel that ra
   its roofline. A profile of one kernel never stands in for another.
 
 Per-step overheads, from the same profile (`llmpq.profile.stage_loop`), named terms of a stage's time:
-`loop_ms` (the stage loop's own cost per step, per phase and batch) and `after_idle` (the factor by which
-a layer called right after an idle gap is slower than one called back to back, per phase). Without a profile
-they are 0 and 1 (a roofline device: nothing measured; `overhead_source` says which).
+`loop_ms` (the stage loop's own cost per step, per phase and batch) and `after_idle_ms` (what a layer called
+right after an idle gap costs more than one called back to back, per phase: caches refilled once per call, an
+added time rather than a factor, so a slow quantized layer does not pay it in proportion). Without a profile
+both are 0 (a roofline device: nothing measured; `overhead_source` says which).
 
 The scaling is per device stem, so efficiencies seen on a CPU never leak into a GPU's numbers. Every layer
 time names its kernel; `kernel=None` asks for the fastest of the device's menu at that point.
@@ -239,17 +240,18 @@ class LatencyModel:
         b, length = grid.clamp(np.asarray([float(batch)]), np.asarray([grid.lengths[0]]))
         return float(grid.interpolate(b, length)[0])
 
-    def after_idle(self, device: str, phase: str) -> float:
-        """f_idle(device, phase) >= 1: a layer call right after an idle gap over one right after another call, the
-        median over the profiled corner points (components `layer_idle` / `layer_hot`); 1 without them."""
+    def after_idle_ms(self, device: str, phase: str) -> float:
+        """t_idle(device, phase) >= 0 (ms): what a layer call right after an idle gap costs more than one right after
+        another call, the median difference over the profiled corner points (components `layer_idle` /
+        `layer_hot`); 0 without them."""
         self._device(device)
         fits = self.fits.get(device, {})
         hot = fits.get(("layer_hot", DENSE_BITS, DENSE_KERNEL, phase))
         idle = fits.get(("layer_idle", DENSE_BITS, DENSE_KERNEL, phase))
         if hot is None or idle is None:
-            return 1.0
-        ratios = np.asarray(idle.values_ms, float) / np.maximum(np.asarray(hot.values_ms, float), 1e-12)
-        return max(1.0, float(np.median(ratios)))
+            return 0.0
+        extra = np.asarray(idle.values_ms, float) - np.asarray(hot.values_ms, float)
+        return max(0.0, float(np.median(extra)))
 
     def overhead_source(self, device: str) -> str:
         """"profile" where the device's profile measured the per-step overheads, else "none" (they count 0)."""

@@ -43,7 +43,7 @@ from llmpq.progress import bar as progress_bar
 
 from ..config.dtypes import device_dtype
 from ..config.identity import device_mismatch
-from ..runtime.measure import return_freed_memory
+from ..runtime.measure import keep_freed_memory
 from ..runtime.stage import found_gpu, torch_dtype
 from .load import load_average
 from .reference import reference_ms
@@ -136,7 +136,7 @@ def profile_rows(hf_config: Mapping[str, Any], model: str, device: DeviceSpec, q
     timed = [(b, k) for b in bits for k in menu[b] if only_kernels is None or k in only_kernels]
     dev, dtype = torch_device(device), torch_dtype(device_dtype(dtype, hf_config, device))
     if device.kind == "cpu":
-        return_freed_memory()  # the allocator settings of a CPU stage process (`llmpq.runtime.measure`)
+        keep_freed_memory()  # the allocator mode a CPU stage times its steps in (`llmpq.runtime.measure`)
     # A CPU device's memory is a planning cap on a slice of this machine, not a physical limit: time everything.
     physical = device.kind != "cpu"
     with_layer = not physical or layer_fits(shape, device, quant, grid)

@@ -7,12 +7,13 @@
   stage of the model, per step, minus the same step's parts timed back to back, both medians; clamped at 0.
 - `layer_hot` / `layer_idle` (per phase, at the grid's corners, 16-bit): a layer call right after another
   call, and right after an idle gap of `IDLE_GAP_MS`, as a pipeline stage makes it after waiting for its
-  input (caches and clocks cool while it waits). Their ratio is the cost model's after-idle factor, applied
-  to the layers of every stage of a multi-stage pipeline. The gap matters: the slowdown grows with it
+  input (caches and clocks cool while it waits). Their difference is the cost model's after-idle cost, added
+  to each layer of every stage of a multi-stage pipeline (an added time: a slow quantized layer refills the same
+  caches; as a factor it over-predicted a 3-bit stage's decode by 23%). The gap matters: the slowdown grows with it
   (`benchmarks/idle_gap.py`), and 2 ms is the wait the default two-stage plans' stages make per step
   (1-2.5 ms); a gap as long as one call (the earlier choice) left two-stage decode 26-38% optimistic.
 
-The cost model reads both from the profile (`llmpq.costmodel.latency.LatencyModel.loop_ms` and `.after_idle`).
+The cost model reads both from the profile (`llmpq.costmodel.latency.LatencyModel.loop_ms` and `.after_idle_ms`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -149,28 +149,36 @@ class StageRunner:
         self.clock.sync()
         return len(calls)
 
-    def run(self, prompts: torch.Tensor, steps: Sequence[Step], warmup: bool = True,
-            repeats: int = 1) -> tuple[StageOutput, list[dict[str, dict[str, float]]]]:
+    def run(self, prompts: torch.Tensor, steps: Sequence[Step], warmup: bool = True, repeats: int = 1,
+            memory_pass: Callable[[], None] | None = None) -> tuple[StageOutput, list[dict[str, dict[str, float]]]]:
         """Run every step `repeats` times (after the warm-up); `prompts` [B, s] token ids (read by the first stage
-        only). The output of the last repetition and each repetition's clock (`StageClock.to_dict`)."""
+        only). The output of the last repetition and each repetition's clock (`StageClock.to_dict`). With
+        `memory_pass`, one more repetition runs first, untimed, and `memory_pass()` is called after it: a CPU stage
+        measures its memory over that repetition in the allocator mode that makes RSS follow live memory, then
+        switches to the fast mode for the timed ones (`llmpq.runtime.measure.return_freed_memory`)."""
         by_phase = {p: [s for s in steps if s.phase == p] for p in PHASES}
         if warmup:
             self.warm_up(steps)
-        clocks = []
-        for _ in range(repeats):
-            self.clock = StageClock(self.clock.device)
-            if self.ring is not None:
-                self.ring.clock = self.clock
-            for phase, phase_steps in by_phase.items():
-                if not phase_steps:
-                    continue
-                inbox = self._post_ahead(phase_steps)
-                if self.ring is not None:
-                    self.ring.barrier()
-                with self.clock.phase(phase):
-                    self._run_phase(phase, phase_steps, prompts, inbox)
-            clocks.append(self.clock.to_dict())
+        if memory_pass is not None:
+            self._repetition(prompts, by_phase)
+            memory_pass()
+        clocks = [self._repetition(prompts, by_phase) for _ in range(repeats)]
         return StageOutput(self.tokens, self.first_logits, self.last_logits), clocks
+
+    def _repetition(self, prompts: torch.Tensor, by_phase: dict[str, list[Step]]) -> dict[str, dict[str, float]]:
+        """One run of the whole schedule on a fresh clock: each phase after a barrier, its receives posted ahead."""
+        self.clock = StageClock(self.clock.device)
+        if self.ring is not None:
+            self.ring.clock = self.clock
+        for phase, phase_steps in by_phase.items():
+            if not phase_steps:
+                continue
+            inbox = self._post_ahead(phase_steps)
+            if self.ring is not None:
+                self.ring.barrier()
+            with self.clock.phase(phase):
+                self._run_phase(phase, phase_steps, prompts, inbox)
+        return self.clock.to_dict()
 
     def _dummy_input(self, step: Step) -> torch.Tensor:
         shape = (len(step.rows), step.q) if self.model.first else (len(step.rows), step.q, self.model.hidden)

@@ -38,7 +38,8 @@ from .comm import Ring
 from .job import RunJob, StageSpec
 from .kernel_check import KernelUnavailable, stage_kernel_problem
 from .kvcache import StageKVCache, cache_shape
-from .measure import StageClock, StageMemorySampler, prime_math_libraries, return_freed_memory
+from .measure import (MemoryStats, StageClock, StageMemorySampler, keep_freed_memory, prime_math_libraries,
+                      return_freed_memory)
 from .parts import load_stage, prepare_stage
 from ..profile.timing import torch_threads
 from .schedule import Fault, StageRunner, plan_steps, prime_stage
@@ -145,7 +146,9 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
     problem = stage_kernel_problem(spec, device, {n.name: n for n in job.kernel_needs})
     if problem is not None:
         raise KernelUnavailable(problem)
-    return_freed_memory()
+    cpu = device.type == "cpu"
+    if cpu:
+        keep_freed_memory()  # the profile's allocator mode, for the reference timing
     with torch_threads(spec.threads), torch.inference_mode():
         clock = StageClock(device)
         ring = None
@@ -156,11 +159,13 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
             ring.connect()
         manifests = prepare_stage(job.model_dir, job.quant_root, job.scheme, spec.bits,
                                   {k for _, k in spec.kernels}, job.verify)
-        if device.type == "cpu":
+        if cpu:
             prime_math_libraries(dtype)
             prime_stage(_first_layers(job, spec, device, dtype, manifests), device, dtype)
             gc.collect()
         reference = reference_ms(device, dtype if device.type == "cuda" else torch.float32)
+        if cpu:
+            return_freed_memory()
         sampler = StageMemorySampler(device).start()
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify,
@@ -172,8 +177,14 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
         runner = StageRunner(model, cache, clock, job.batch, job.gen_len, ring, fault, job.record_logits)
         prompts = torch.tensor(job.prompts, dtype=torch.long, device=device)
         steps = plan_steps(job.batch, job.prompt_len, job.gen_len, job.micro_batch_prefill, job.micro_batch_decode)
-        out, repetitions = runner.run(prompts, steps, job.warmup, job.repeats)
-        memory = sampler.stop(model.weight_bytes(), cache.nbytes)
+        measured: list[MemoryStats] = []
+
+        def memory_pass() -> None:
+            measured.append(sampler.stop(model.weight_bytes(), cache.nbytes))
+            keep_freed_memory()
+
+        out, repetitions = runner.run(prompts, steps, job.warmup, job.repeats, memory_pass if cpu else None)
+        memory = measured[0] if measured else sampler.stop(model.weight_bytes(), cache.nbytes)
     return StageReport(place.rank, spec.device, platform.node(), median_phases(repetitions), asdict(memory),
                        _as_lists(out.tokens), _as_lists(out.first_logits), _as_lists(out.last_logits),
                        repetitions, reference)

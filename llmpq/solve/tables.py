@@ -11,8 +11,9 @@ Surrogate objective of an assignment (design, "The solver"):
 
 with β = max_j max(t_j, c_j), R = Σ_j (t_j + c_j), the decode contexts sampled at a few rounds k
 (`llmpq.costmodel.pipeline.surrogate_points`, trapezoid weights w_k) and t_j = fixed_j + Σ_{g in j} t[g, j, c_g]:
-fixed_j the embedding, head and stage-loop times, t[g, j, c] the item's layers on stage j's device at bits c
-times that device's after-idle factor when the pipeline has more than one stage (`costmodel.estimate`).
+fixed_j the embedding, head and stage-loop times (and, in a pipeline, the stage's cost of sending its message),
+t[g, j, c] the item's layers on stage j's device at bits c, each plus that device's after-idle cost when the
+pipeline has more than one stage (`costmodel.estimate`).
 
 Each (stage, column) runs on one weight kernel, the branch's choice for that device, bits and micro-batches
 (`costmodel.estimate.choose_kernel`); times are that kernel's. Memory of stage j:
@@ -29,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from llmpq.costmodel import memory as mem
-from llmpq.costmodel.comm import hidden_bytes, link_between, token_bytes, transfer_ms
+from llmpq.costmodel.comm import hidden_bytes, link_between, message_ms, token_bytes, transfer_ms
 from llmpq.costmodel.context import CostContext
 from llmpq.costmodel.estimate import StageAssignment, choose_kernel, job_decode_ms, job_prefill_ms
 from llmpq.costmodel.pipeline import micro_batches, surrogate_cycle_weights, surrogate_points
@@ -117,6 +118,15 @@ class CostCache:
         return self._get(("ln", sender, receiver, batch, tokens, returns), make)
 
 
+    def message_ms(self, sender: Slot, receiver: Slot, batch: int, tokens: int, *, returns: bool) -> float:
+        """m_j: what the sending stage pays per step for its message (`comm.message_ms`)."""
+        def make() -> float:
+            payload = token_bytes(batch) if returns else hidden_bytes(
+                self.ctx.shape, batch, tokens, self.ctx.devices[sender[1]])
+            return message_ms(self.ctx.cluster, sender[0], receiver[0], self.ctx.per_message, payload)
+        return self._get(("msg", sender, receiver, batch, tokens, returns), make)
+
+
 def default_items(num_layers: int) -> tuple[tuple[int, int], ...]:
     """One item per layer: ((0, 1), (1, 2), ...)."""
     return tuple((i, i + 1) for i in range(num_layers))
@@ -145,8 +155,8 @@ class ProblemTables:
     t_decode: np.ndarray           # [G, N, C, P] ms at the sampled rounds
     mem_bytes: np.ndarray          # [G, N, C] weights + KV cache
     omega: np.ndarray              # [G, C] Σ of the item's layers' ω
-    fixed_prefill: np.ndarray      # [N] embed/head ms
-    fixed_decode: np.ndarray       # [N] embed/head ms (independent of the context)
+    fixed_prefill: np.ndarray      # [N] embed/head, loop and message ms
+    fixed_decode: np.ndarray       # [N] the same for decode (independent of the context)
     comm_prefill: np.ndarray       # [N] link j -> j+1 ms (last: the return link)
     comm_decode: np.ndarray        # [N]
     fixed_mem: np.ndarray          # [N] bytes that do not depend on the layers (reserve included)
@@ -196,7 +206,7 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
     kernels = []
     for j, (_, stem) in enumerate(slots):
         row = []
-        idle_p, idle_d = (ctx.latency.after_idle(stem, p) if n_st > 1 else 1.0 for p in ("prefill", "decode"))
+        idle_p, idle_d = (ctx.latency.after_idle_ms(stem, p) if n_st > 1 else 0.0 for p in ("prefill", "decode"))
         for c, b in enumerate(bits):
             if not allowed[j, c]:
                 row.append("")
@@ -204,9 +214,9 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
                 continue
             kern = cache.kernel(stem, b, b_p, b_d)
             row.append(kern)
-            tp[j, c] = idle_p * cache.layer_prefill_ms(stem, b, b_p, kern)
+            tp[j, c] = cache.layer_prefill_ms(stem, b, b_p, kern) + idle_p
             if points:
-                td[j, c] = idle_d * cache.layer_decode_ms(stem, b, b_d, points, kern)
+                td[j, c] = cache.layer_decode_ms(stem, b, b_d, points, kern) + idle_d
             mb[j, c] = cache.layer_bytes(stem, b, b_d)
             ws[j, c] = cache.workspace_bytes(stem, b, kern)
         kernels.append(tuple(row))
@@ -226,6 +236,9 @@ def build_tables(cache: CostCache, slots: Sequence[Slot], b_p: int, b_d: int, om
         comm_p = np.asarray([cache.link_ms(slots[j], nxt[j], b_p, w.prompt_len, returns=j == last)
                              for j in range(n_st)])
         comm_d = np.asarray([cache.link_ms(slots[j], nxt[j], b_d, 1, returns=j == last) for j in range(n_st)])
+        fixed_p = fixed_p + [cache.message_ms(slots[j], nxt[j], b_p, w.prompt_len, returns=j == last)
+                             for j in range(n_st)]
+        fixed_d = fixed_d + [cache.message_ms(slots[j], nxt[j], b_d, 1, returns=j == last) for j in range(n_st)]
     fixed_mem, capacity = [], []
     for j, (_, stem) in enumerate(slots):
         fm = cache.fixed_memory(stem, b_p, b_d, first=j == 0, last=j == last)
