@@ -57,3 +57,22 @@ def test_two_stage_rss_growth_matches_the_memory_model_within_15_percent(tiny_op
         growth, planned = r["rss_growth_bytes"], r["planned_memory_bytes"]
         assert growth == pytest.approx(planned, rel=0.15), (r["stage"], growth, planned)
     assert run.sidecar["tokens"] and len(run.sidecar["tokens"]) == B
+
+
+def test_trimming_sampler_does_not_count_freed_heap():
+    """Small tensors freed between samples leave free pages in glibc's heap: the untrimmed RSS keeps them, a
+    trimming sample (a CPU stage's memory pass) hands them back and sees what is still live."""
+    import torch
+
+    from llmpq.runtime.measure import RssSampler, current_rss_bytes, release_free_heap, return_freed_memory
+
+    if not (return_freed_memory() and release_free_heap()):
+        pytest.skip("glibc is not the allocator here")
+    sampler = RssSampler(trim=True)
+    garbage = [torch.ones(1024) for _ in range(4096)]     # 16 MiB in 4 KiB tensors, below the mmap threshold
+    kept = garbage[::64]                                    # 256 KiB left scattered through the heap
+    del garbage
+    untrimmed = current_rss_bytes()
+    trimmed = sampler._sample()
+    assert all(float(t.sum()) == 1024 for t in kept)
+    assert untrimmed - trimmed > 8 << 20

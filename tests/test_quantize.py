@@ -192,3 +192,26 @@ def test_gptq_layer_by_layer_holds_one_layer_is_deterministic_and_beats_rtn(tiny
             den += float(want.pow(2).sum())
         errors[label] = num / den
     assert 0 < errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_read_tensors_are_copied_out_of_the_file(tmp_path):
+    """Tensors read from a checkpoint or a layer file own their memory: a tensor left mapped onto the file keeps the
+    file pages around it resident (a stage's RSS counted them) and changes when the file is overwritten in place."""
+    from safetensors.torch import save_file
+
+    from llmpq.quantize.checkpoint import read_tensors
+    from llmpq.quantize.store import read_layer_file
+
+    values = torch.arange(40_000, dtype=torch.float32)
+    save_file({"model.decoder.embed_tokens.weight": values}, str(tmp_path / "model.safetensors"))
+    header = LayerHeader(layer=0, model_type="opt", scheme="fp", bits=16)
+    save_file({"fc1.weight": values}, str(tmp_path / "layer.safetensors"), metadata=header.to_metadata())
+    read = read_tensors(tmp_path, lambda key: True)["model.decoder.embed_tokens.weight"]
+    _, layer = read_layer_file(tmp_path / "layer.safetensors")
+    for name in ("model.safetensors", "layer.safetensors"):
+        path = tmp_path / name
+        size = path.stat().st_size
+        with open(path, "r+b") as fh:  # zero the tensor data in place, as a mapped tensor would see it
+            fh.seek(size - values.numel() * 4)
+            fh.write(bytes(values.numel() * 4))
+    assert torch.equal(read, values) and torch.equal(layer["fc1.weight"], values)

@@ -41,8 +41,15 @@ def read_tensors(model_dir: str | Path, keep: Callable[[str], bool]) -> dict[str
     tensors: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
         with safe_open(path, "pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in keys})
+            tensors.update({key: owned_copy(f.get_tensor(key)) for key in keys})
     return tensors
+
+
+def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` copied out of the file mapping safetensors reads it from. A mapped tensor keeps the pages the kernel
+    maps around it resident as long as it lives: measured on tiny-opt's checkpoint, 512 KiB of RSS for a 128 KiB
+    embedding, which a stage's measured memory then counted beside the weights."""
+    return tensor.clone()
 
 
 def layer_prefix(model_type: str, index: int) -> str:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..artifacts import file_sha256, read_table, write_table
+from .checkpoint import owned_copy
 from .settings import LayerHeader
 
 MANIFEST_FILE = "manifest.parquet"
@@ -66,7 +67,7 @@ def read_layer_file(path: str | Path) -> tuple[LayerHeader, dict[str, torch.Tens
     try:
         with safe_open(path, "pt") as f:
             header = LayerHeader.from_metadata(f.metadata(), str(path))
-            return header, {key: f.get_tensor(key) for key in f.keys()}
+            return header, {key: owned_copy(f.get_tensor(key)) for key in f.keys()}
     except LayerFileError:
         raise
     except Exception as exc:

@@ -166,7 +166,7 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
         reference = reference_ms(device, dtype if device.type == "cuda" else torch.float32)
         if cpu:
             return_freed_memory()
-        sampler = StageMemorySampler(device).start()
+        sampler = StageMemorySampler(device, trim=cpu).start()
         model = load_stage(job.model_dir, job.quant_root, job.scheme, spec.start, spec.bits, first=spec.first,
                            last=spec.index == len(job.stages) - 1, device=device, dtype=dtype, verify=job.verify,
                            kernels=spec.kernel_map, manifests=manifests)
