@@ -14,7 +14,7 @@ busy time of one layer over the whole job (ties: the kernel table's order).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -145,36 +145,33 @@ def stage_time_ms(ctx: CostContext, stage: StageAssignment, phase: str, batch: i
                                 pipelined=pipelined)[0])
 
 
-def link_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int, tokens: int) -> tuple[float, ...]:
-    """c_j for j = 0..N−1: link j → j+1 carries b·tokens·hidden (sender's dtype); the return link b token ids.
-
-    A one-stage pipeline has no link (c_0 = 0).
-    """
+def _ring_edges(ctx: CostContext, stages: Sequence[StageAssignment], batch: int,
+                tokens: int) -> Iterator[tuple[StageAssignment, StageAssignment, int]]:
+    """(sender, receiver, payload bytes) of each ring edge j → j+1: b·tokens·hidden in the sender's dtype, the last
+    stage's edge back to the first b token ids."""
     n = len(stages)
-    if n == 1:
-        return (0.0,)
-    out = []
     for j, stage in enumerate(stages):
-        nxt = stages[(j + 1) % n]
-        link = link_between(ctx.cluster, stage.node, nxt.node, ctx.links)
         payload = token_bytes(batch) if j == n - 1 else hidden_bytes(ctx.shape, batch, tokens, ctx.devices[stage.device])
-        out.append(transfer_ms(link, payload))
-    return tuple(out)
+        yield stage, stages[(j + 1) % n], payload
+
+
+def link_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int, tokens: int) -> tuple[float, ...]:
+    """c_j for j = 0..N−1: the transfer over link j → j+1 (`_ring_edges`'s payloads). A one-stage pipeline has no
+    link (c_0 = 0)."""
+    if len(stages) == 1:
+        return (0.0,)
+    return tuple(transfer_ms(link_between(ctx.cluster, a.node, b.node, ctx.links), payload)
+                 for a, b, payload in _ring_edges(ctx, stages, batch, tokens))
 
 
 def message_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int,
                      tokens: int) -> tuple[float, ...]:
-    """m_j for j = 0..N−1: what stage j pays in its own time per step to send its message (hidden states to j+1, the
-    last stage's token ids to the first) while every stage computes (`comm.message_ms`); 0 for one stage."""
-    n = len(stages)
-    if n == 1:
+    """m_j for j = 0..N−1: what stage j pays in its own time per step to send its message while every stage computes
+    (`comm.message_ms`); 0 for one stage."""
+    if len(stages) == 1:
         return (0.0,)
-    out = []
-    for j, stage in enumerate(stages):
-        nxt = stages[(j + 1) % n]
-        payload = token_bytes(batch) if j == n - 1 else hidden_bytes(ctx.shape, batch, tokens, ctx.devices[stage.device])
-        out.append(message_ms(ctx.cluster, stage.node, nxt.node, ctx.per_message, payload))
-    return tuple(out)
+    return tuple(message_ms(ctx.cluster, a.node, b.node, ctx.per_message, payload)
+                 for a, b, payload in _ring_edges(ctx, stages, batch, tokens))
 
 
 def check_stages(ctx: CostContext, stages: Sequence[StageAssignment]) -> None:

@@ -108,23 +108,22 @@ class CostCache:
         return self._get(("fm", stem, b_p, b_d, first, last), lambda: mem.stage_fixed_memory(
             self.ctx.shape, self.ctx.devices[stem], self.ctx.workload, b_p, b_d, first=first, last=last))
 
+    def _payload(self, sender: Slot, batch: int, tokens: int, returns: bool) -> int:
+        """Bytes a stage on `sender` sends per step: hidden states, or token ids on the return link."""
+        return token_bytes(batch) if returns else hidden_bytes(self.ctx.shape, batch, tokens,
+                                                               self.ctx.devices[sender[1]])
+
     def link_ms(self, sender: Slot, receiver: Slot, batch: int, tokens: int, *, returns: bool) -> float:
         """c_j: α + bytes/BW from `sender` to `receiver`; the return link carries token ids."""
-        def make() -> float:
-            link = link_between(self.ctx.cluster, sender[0], receiver[0], self.ctx.links)
-            payload = token_bytes(batch) if returns else hidden_bytes(
-                self.ctx.shape, batch, tokens, self.ctx.devices[sender[1]])
-            return transfer_ms(link, payload)
-        return self._get(("ln", sender, receiver, batch, tokens, returns), make)
-
+        return self._get(("ln", sender, receiver, batch, tokens, returns), lambda: transfer_ms(
+            link_between(self.ctx.cluster, sender[0], receiver[0], self.ctx.links),
+            self._payload(sender, batch, tokens, returns)))
 
     def message_ms(self, sender: Slot, receiver: Slot, batch: int, tokens: int, *, returns: bool) -> float:
         """m_j: what the sending stage pays per step for its message (`comm.message_ms`)."""
-        def make() -> float:
-            payload = token_bytes(batch) if returns else hidden_bytes(
-                self.ctx.shape, batch, tokens, self.ctx.devices[sender[1]])
-            return message_ms(self.ctx.cluster, sender[0], receiver[0], self.ctx.per_message, payload)
-        return self._get(("msg", sender, receiver, batch, tokens, returns), make)
+        return self._get(("msg", sender, receiver, batch, tokens, returns), lambda: message_ms(
+            self.ctx.cluster, sender[0], receiver[0], self.ctx.per_message,
+            self._payload(sender, batch, tokens, returns)))
 
 
 def default_items(num_layers: int) -> tuple[tuple[int, int], ...]:
