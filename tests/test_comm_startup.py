@@ -214,3 +214,28 @@ def test_connect_exchanges_one_element_each_way_with_its_own_tag():
     assert all(isinstance(r, Ring) for r in out)
     assert sorted(k[3] for k in fake.mail) == [CONNECT_TAG] * 4   # two groups, both directions
     assert [(c[0], c[2]) for c in fake.calls if c[0] == 0] == [(0, "send"), (0, "recv"), (0, "recv"), (0, "send")]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_prime_sends_a_round_of_the_schedules_messages_after_connect(world):
+    """`Ring.prime` (the messaging library's one-time buffers before a stage notes its memory): after `connect`,
+    every chain edge carries POSTED_MESSAGES hidden states and the return edge as many token-id messages, all
+    received, and the schedule then starts on the same communicators."""
+    from llmpq.costmodel.memory import POSTED_MESSAGES
+    from llmpq.runtime.comm import PRIME_TAG
+
+    def body(rank, p2p):
+        ring = Ring(rank, world, StageClock(CPU), CPU, TIMEOUT, p2p)
+        ring.connect()
+        p2p.label = "prime"
+        ring.prime((2, 3, 4), torch.float32, 5)
+        schedule_start(ring)
+        return "done"
+
+    out = run_ranks(world, body)
+    assert out == ["done"] * world, out
+    sends = [c for c in run_ranks.last.calls if c[1] == "prime" and c[2] == "send"]
+    expected = {(j, "g1", j + 1) for j in range(world - 1)} | {(world - 1, "g2", 0)}   # forward, back
+    assert sorted(sends) == sorted((r, "prime", "send", g, p) for r, g, p in expected for _ in range(POSTED_MESSAGES))
+    assert set(run_ranks.last.created.values()) == {"connect"}
+    assert PRIME_TAG > max(1, world)

@@ -34,6 +34,7 @@ from ..costmodel.memory import POSTED_MESSAGES
 from .measure import StageClock
 
 CONNECT_TAG = 1 << 24   # start-up exchanges; step messages are tagged with step indices, far below
+PRIME_TAG = CONNECT_TAG + 1   # the priming round's messages (`Ring.prime`): PRIME_TAG + i
 CHAIN, RETURN = "chain", "return"   # a group's edges: j -> j + 1 for every stage but the last; last -> first
 
 
@@ -146,6 +147,30 @@ class Ring:
                 else:
                     work = self.p2p.irecv(buffer, peer, CONNECT_TAG, group)
                 work.wait(self.timeout)
+
+    def prime(self, hidden: tuple[int, ...], dtype: torch.dtype, tokens: int) -> None:
+        """One round of the schedule's messages, after `connect()` and before a stage notes its memory:
+        `POSTED_MESSAGES` hidden states of shape `hidden` down the chain and as many messages of `tokens` token ids
+        back, all in flight at once (receives posted first), then a barrier. Gloo allocates buffers for a pair's
+        first messages in flight and for its first barrier once per process (measured on two CPU ranks: 0.3-1 MiB,
+        whatever the message size), which the stage's measured memory would otherwise count as its own; this is
+        to the messaging library what `measure.prime_math_libraries` is to the math libraries."""
+        posted, sent = [], []
+        for i in range(POSTED_MESSAGES):
+            if self.rank > 0:
+                posted.append(self._post(hidden, dtype, self.rank - 1, PRIME_TAG + i, self.forward))
+            if self.rank == 0:
+                posted.append(self._post((tokens,), torch.long, self.world - 1, PRIME_TAG + i, self.back))
+        for i in range(POSTED_MESSAGES):
+            if self.rank < self.world - 1:
+                out = torch.zeros(hidden, dtype=dtype, device=self.device)
+                sent.append((self.p2p.isend(out, self.rank + 1, PRIME_TAG + i, self.forward), out))
+            else:
+                out = torch.zeros(tokens, dtype=torch.long, device=self.device)
+                sent.append((self.p2p.isend(out, 0, PRIME_TAG + i, self.back), out))
+        for work in [p.work for p in posted] + [w for w, _ in sent]:
+            work.wait(self.timeout)
+        self.barrier()
 
     def _post(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, group: Any) -> Pending:
         buffer = torch.empty(shape, dtype=dtype, device=self.device)

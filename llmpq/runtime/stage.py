@@ -159,6 +159,11 @@ def run_stage(job: RunJob, place: Placement, init_dist: bool = True) -> StageRep
             ring.connect()
         manifests = prepare_stage(job.model_dir, job.quant_root, job.scheme, spec.bits,
                                   {k for _, k in spec.kernels}, job.verify)
+        if ring is not None:
+            from transformers import AutoConfig
+
+            hidden = AutoConfig.from_pretrained(job.model_dir).hidden_size
+            ring.prime((job.micro_batch_prefill, job.prompt_len, hidden), dtype, job.micro_batch_decode)
         if cpu:
             prime_math_libraries(dtype)
             prime_stage(_first_layers(job, spec, device, dtype, manifests), device, dtype)
