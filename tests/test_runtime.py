@@ -408,3 +408,25 @@ def test_plan_for_another_workload_is_refused(tiny_opt_dir, results, config_dir,
     (tmp_path / "plan.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="plan is for model/cluster/workload tiny-opt/local-cpu/s512-n100-b32"):
         deploy(exp, tmp_path / "plan.json", tmp_path / "run.parquet", DeployOptions(), results)
+
+
+def test_cpu_stages_of_a_local_run_keep_to_their_own_cores(tmp_path):
+    """Each CPU stage process takes its `threads` of the allowed cores after those of the stages before it on its
+    node; nothing is pinned for one process, a GPU stage, a task already bound to its cores, or too few cores."""
+    from llmpq.runtime.stage import stage_cores
+
+    def spec(index, node="local", kind="cpu", threads=1):
+        return StageSpec(index, "cpu-large", node, kind, "cpu", threads, index, index + 1, (16,), 1, 1, 1, 1, None)
+
+    def job(*specs):
+        return RunJob("test", "m", "q", "gptq", ((1, 2),), 2, 1, 1, specs, str(tmp_path))
+
+    three = job(spec(0, threads=2), spec(1), spec(2, node="other"))
+    assert stage_cores(three, Placement(0, 3, 0), [0, 1, 2, 3]) == [0, 1]
+    assert stage_cores(three, Placement(1, 3, 1), [0, 1, 2, 3]) == [2]
+    assert stage_cores(three, Placement(2, 3, 0), [4, 5]) == [4]            # first on its own node
+    assert stage_cores(three, Placement(1, 3, 1), [2, 3, 0, 1]) == [2]      # in core order
+    assert stage_cores(job(spec(0)), Placement(0, 1, 0), [0, 1]) is None                   # one process
+    assert stage_cores(job(spec(0), spec(1, kind="gpu")), Placement(1, 2, 1), [0, 1]) is None  # a GPU stage
+    assert stage_cores(job(spec(0), spec(1)), Placement(1, 2, 0), [7]) is None             # bound already
+    assert stage_cores(job(spec(0, threads=2), spec(1, threads=2)), Placement(1, 2, 1), [0, 1, 2]) is None
