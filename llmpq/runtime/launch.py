@@ -46,7 +46,7 @@ from ..progress import bar as console_bar
 from ..solve.plan import Plan, read_plan
 from ..solve.skip import infeasible_record, write_skipped
 from .caps import DeviceMismatch, StageRefusal, check_caps, planned_memory
-from .job import RunJob, StageSpec
+from .job import STAGE_ENV, RunJob, StageSpec
 from .kernel_check import KernelUnavailable, kernel_needs, plan_kernel_problems
 from .report import run_rows, sidecar, tokens_path, write_sidecar
 from .schedule import Fault
@@ -235,8 +235,7 @@ def launch_mode(world: int, options: DeployOptions, env: Mapping[str, str]) -> s
 def launch_command(mode: str, world: int, job_path: Path, env: Mapping[str, str],
                    module: str = STAGE_MODULE) -> tuple[list[str], dict[str, str]]:
     """The command that starts `world` processes of the stage entry point `module`, and its environment."""
-    child = dict(env)
-    child.setdefault("OMP_NUM_THREADS", "1")
+    child = {**STAGE_ENV, **env}
     stage = [sys.executable, "-m", module, str(job_path)]
     if mode == "srun":
         child.setdefault("MASTER_ADDR", first_slurm_node(env))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
+from ..runtime.job import STAGE_ENV
 from .rendezvous import free_port, node_address
 
 
@@ -24,12 +25,12 @@ def srun_command(components: int, command: Sequence[str]) -> list[str]:
 
 
 def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
-    """MASTER_ADDR (this node's SLURM address) and MASTER_PORT (free here) unless given; one thread per op."""
+    """MASTER_ADDR (this node's SLURM address) and MASTER_PORT (free here) unless given, and the stage processes'
+    environment (`llmpq.runtime.job.STAGE_ENV`)."""
     node = env.get("SLURMD_NODENAME") or socket.gethostname()
-    out = dict(env)
+    out = {**STAGE_ENV, **env}
     out.setdefault("MASTER_ADDR", node_address(node))
     out.setdefault("MASTER_PORT", str(free_port()))
-    out.setdefault("OMP_NUM_THREADS", "1")
     return out
 
 
