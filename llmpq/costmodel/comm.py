@@ -33,13 +33,23 @@ def token_bytes(batch: int) -> int:
     return batch * TOKEN_ID_BYTES
 
 
-def link_between(cluster: ClusterSpec, node_a: str, node_b: str, measured: Mapping[str, Link] | None = None) -> Link:
-    """The link class joining two nodes (same node: intra_node), measured if available, else configured."""
+def sent_bytes(shape: ModelShape, device: DeviceSpec, batch: int, tokens: int, *, returns: bool) -> int:
+    """What a stage sends per step: hidden states (`hidden_bytes`), or token ids on the return link (`token_bytes`)."""
+    return token_bytes(batch) if returns else hidden_bytes(shape, batch, tokens, device)
+
+
+def link_class(cluster: ClusterSpec, node_a: str, node_b: str) -> str:
+    """The link class joining two nodes of `cluster`: intra_node on one node, else inter_node."""
     names = {n.name for n in cluster.nodes}
     for node in (node_a, node_b):
         if node not in names:
             raise ValueError(f"cluster {cluster.name}: unknown node {node!r} (known: {', '.join(sorted(names))})")
-    kind = "intra_node" if node_a == node_b else "inter_node"
+    return "intra_node" if node_a == node_b else "inter_node"
+
+
+def link_between(cluster: ClusterSpec, node_a: str, node_b: str, measured: Mapping[str, Link] | None = None) -> Link:
+    """The link class joining two nodes (same node: intra_node), measured if available, else configured."""
+    kind = link_class(cluster, node_a, node_b)
     if measured and kind in measured:
         return measured[kind]
     return cluster.intra_node if kind == "intra_node" else cluster.inter_node
@@ -69,6 +79,5 @@ def fit_link(payload_bytes: Sequence[float], latency_ms: Sequence[float]) -> Lin
 def message_ms(cluster: ClusterSpec, node_a: str, node_b: str, per_message: Mapping[str, Link], nbytes: int) -> float:
     """What a stage on `node_a` pays in its own time to send `nbytes` to `node_b` while every stage computes: the
     link class's measured per-message cost under load (`profile-links` busy rows), 0 where it was not measured."""
-    link_between(cluster, node_a, node_b)  # checks the nodes
-    kind = "intra_node" if node_a == node_b else "inter_node"
+    kind = link_class(cluster, node_a, node_b)
     return transfer_ms(per_message[kind], nbytes) if kind in per_message else 0.0

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .comm import hidden_bytes, link_between, message_ms, token_bytes, transfer_ms
+from .comm import link_between, message_ms, sent_bytes, transfer_ms
 from .context import CostContext
 from .memory import StageMemory, stage_memory
 from .pipeline import PhaseTimes, micro_batches, pipeline_time, throughput_tok_s
@@ -151,8 +151,8 @@ def _ring_edges(ctx: CostContext, stages: Sequence[StageAssignment], batch: int,
     stage's edge back to the first b token ids."""
     n = len(stages)
     for j, stage in enumerate(stages):
-        payload = token_bytes(batch) if j == n - 1 else hidden_bytes(ctx.shape, batch, tokens, ctx.devices[stage.device])
-        yield stage, stages[(j + 1) % n], payload
+        yield stage, stages[(j + 1) % n], sent_bytes(ctx.shape, ctx.devices[stage.device], batch, tokens,
+                                                     returns=j == n - 1)
 
 
 def link_times_ms(ctx: CostContext, stages: Sequence[StageAssignment], batch: int, tokens: int) -> tuple[float, ...]:

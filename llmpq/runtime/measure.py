@@ -165,9 +165,8 @@ def return_freed_memory() -> bool:
 
 
 def release_free_heap() -> bool:
-    """Hand the free pages of glibc's heap back to the OS (`malloc_trim(0)`), so that an RSS baseline taken next
-    does not include free heap that the stage's first allocations would reuse (their growth would then read low);
-    False where glibc is not the allocator."""
+    """Hand the free pages of glibc's heap back to the OS (`malloc_trim(0)`), so that an RSS read next counts live
+    memory, not freed small tensors (`RssSampler`'s `trim`); False where glibc is not the allocator."""
     return _glibc_call(lambda libc: libc.malloc_trim(0) >= 0)
 
 

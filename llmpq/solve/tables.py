@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from llmpq.costmodel import memory as mem
-from llmpq.costmodel.comm import hidden_bytes, link_between, message_ms, token_bytes, transfer_ms
+from llmpq.costmodel.comm import link_between, message_ms, sent_bytes, transfer_ms
 from llmpq.costmodel.context import CostContext
 from llmpq.costmodel.estimate import StageAssignment, choose_kernel, job_decode_ms, job_prefill_ms
 from llmpq.costmodel.pipeline import micro_batches, surrogate_cycle_weights, surrogate_points
@@ -109,9 +109,7 @@ class CostCache:
             self.ctx.shape, self.ctx.devices[stem], self.ctx.workload, b_p, b_d, first=first, last=last))
 
     def _payload(self, sender: Slot, batch: int, tokens: int, returns: bool) -> int:
-        """Bytes a stage on `sender` sends per step: hidden states, or token ids on the return link."""
-        return token_bytes(batch) if returns else hidden_bytes(self.ctx.shape, batch, tokens,
-                                                               self.ctx.devices[sender[1]])
+        return sent_bytes(self.ctx.shape, self.ctx.devices[sender[1]], batch, tokens, returns=returns)
 
     def link_ms(self, sender: Slot, receiver: Slot, batch: int, tokens: int, *, returns: bool) -> float:
         """c_j: α + bytes/BW from `sender` to `receiver`; the return link carries token ids."""
