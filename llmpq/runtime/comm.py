@@ -152,8 +152,8 @@ class Ring:
         """One round of the schedule's messages, after `connect()` and before a stage notes its memory:
         `POSTED_MESSAGES` hidden states of shape `hidden` down the chain and as many messages of `tokens` token ids
         back, all in flight at once (receives posted first), then a barrier. Gloo allocates buffers for a pair's
-        first messages in flight and for its first barrier once per process (measured on two CPU ranks: 0.3-1 MiB,
-        whatever the message size), which the stage's measured memory would otherwise count as its own; this is
+        first messages in flight and for its first barrier once per process (`benchmarks/stage_memory.py`: 1.1-1.2
+        MiB per rank after the first round, 0.17 MiB after the next), which the stage's measured memory would otherwise count as its own; this is
         to the messaging library what `measure.prime_math_libraries` is to the math libraries."""
         posted, sent = [], []
         for i in range(POSTED_MESSAGES):

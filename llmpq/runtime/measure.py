@@ -158,8 +158,8 @@ def return_freed_memory() -> bool:
     """Memory mode: glibc serves allocations of 64 KiB and more with mmap (fixed threshold), so that a freed
     activation goes back to the OS; RSS then follows live memory and a stage's peak RSS is its live peak, the
     quantity the memory model predicts (with glibc's default, growing threshold, freed activations stay in the heap).
-    Slow: every such allocation maps and faults in fresh pages (measured: a tiny-opt stage's steps took 1.6-2x their
-    time in timing mode), so a CPU stage measures its memory over one untimed repetition in this mode and times the
+    Slow: every such allocation maps and faults in fresh pages (`benchmarks/stage_memory.py`: a prefill-sized tiny-opt
+    layer call 2.2x its time in timing mode), so a CPU stage measures its memory over one untimed repetition in this mode and times the
     others in `keep_freed_memory`'s. False where glibc is not the allocator."""
     return _mallopt({M_MMAP_THRESHOLD: MMAP_THRESHOLD_BYTES})
 
@@ -203,9 +203,8 @@ class RssSampler:
     """Samples this process's RSS every `interval_s` in a background thread between `start()` and `stop()`;
     `growth_bytes` = the largest sample (and the peak RSS, when the process has not been larger before) minus
     the RSS at `start()`. With `trim`, every sample first hands the heap's free pages back to the OS
-    (`release_free_heap`), and the kernel's high-water mark is not used (it counts free heap pages too): on
-    tiny-opt's two-stage plans free heap kept after the first calls of each shape was a quarter to a half of the
-    untrimmed growth. Slower; a CPU stage samples so in its untimed memory pass only."""
+    (`release_free_heap`), and the kernel's high-water mark is not used (it counts free heap pages too;
+    `tests/test_memory_runtime.py` shows 16 MiB of freed 4 KiB tensors kept without trimming). Slower; a CPU stage samples so in its untimed memory pass only."""
 
     def __init__(self, interval_s: float = 0.002, trim: bool = False):
         self.interval_s, self.trim = interval_s, trim
